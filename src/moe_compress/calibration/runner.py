@@ -1,0 +1,161 @@
+"""The layer-by-layer calibration runner.
+
+Embeddings first, then for each decoder layer: bring the layer to the device, run every calibration batch
+through it, let the layer's callback act (collect statistics, plan and apply a compression), keep the outputs
+as the next layer's inputs, and move the layer back. Peak device memory is one decoder layer plus the
+activations of the calibration set (kept on ``offload_device``, CPU by default, between layers).
+
+How the per-layer keyword arguments (rotary embeddings, attention masks per attention type, ...) are obtained
+without re-implementing each family's forward: every decoder layer is temporarily replaced by a recorder that
+stores its inputs and returns them unchanged, and the base model is called once per batch. This costs the
+embeddings and mask construction only, and works for any architecture whose layers are called in order.
+
+Modes: ``oneshot`` (default) feeds layer i+1 with the outputs of the ORIGINAL layer i; ``sequential`` feeds it
+with the outputs of layer i after the callback changed it (compressed), so later decisions see earlier
+compression.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+
+from moe_compress.calibration.observers import ObservedExperts
+from moe_compress.models.registry import Adapter
+
+
+@dataclass
+class LayerRun:
+    """What the callback of one decoder layer receives.
+
+    inputs: per batch, the layer's input hidden states [B, S, H]; token_masks: per batch [B*S] bool;
+    observer: the statistics observer of an MoE layer (None for dense layers); moe_inputs: the MoE block's
+    input hidden states of real tokens [T, H] (only if ``keep_moe_inputs``).
+    """
+
+    index: int
+    layer: torch.nn.Module
+    observer: ObservedExperts | None
+    moe_inputs: torch.Tensor | None
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Recorder(torch.nn.Module):
+    """Stands in for decoder layer i during input capture: records (args, kwargs), returns the input."""
+
+    def __init__(self, store: list):
+        super().__init__()
+        self.store = store
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.store.append((args, kwargs))
+        return hidden_states
+
+
+def capture_layer_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, device,
+                         batch_size: int) -> tuple[list[torch.Tensor], list[list[tuple]]]:
+    """Embeddings of every batch ([B, S, H] each) and, per layer, per batch, the (args, kwargs) it is called
+    with. Runs the base model with recorder layers; the real layers never run here."""
+    base = getattr(model, "model", model)
+    layers = base.layers
+    per_layer: list[list[tuple]] = [[] for _ in layers]
+    originals = list(layers)
+    embeds: list[torch.Tensor] = []
+    hook = base.embed_tokens.register_forward_hook(lambda m, a, out: embeds.append(out.detach()))
+    moved = [m for name, m in base.named_children() if name != "layers"]
+    try:
+        for i in range(len(layers)):
+            layers[i] = _Recorder(per_layer[i])
+        for m in moved:
+            m.to(device)
+        with torch.inference_mode():
+            for s in range(0, input_ids.shape[0], batch_size):
+                ids = input_ids[s:s + batch_size].to(device)
+                am = None if attention_mask is None else attention_mask[s:s + batch_size].to(device)
+                base(input_ids=ids, attention_mask=am, use_cache=False)
+    finally:
+        hook.remove()
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+    return embeds, per_layer
+
+
+def run_layers(
+    model,
+    adapter: Adapter,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    on_layer: Callable[[LayerRun], bool | None] | None = None,
+    mode: Literal["oneshot", "sequential"] = "oneshot",
+    device: str | torch.device = "cpu",
+    offload_device: str | torch.device = "cpu",
+    batch_size: int = 8,
+    keep_moe_inputs: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> list[torch.Tensor]:
+    """Run the calibration set through the decoder layers one at a time.
+
+    Args:
+        input_ids: [N, L] token ids; attention_mask: [N, L] (1 = real token) or None.
+        on_layer: called after all batches went through layer i; may change the layer (compression). Its
+            return value True means "the layer changed": in ``sequential`` mode its outputs are recomputed.
+        keep_moe_inputs: also hand the callback the MoE block's inputs of the real tokens [T, H] (for methods
+            that reconstruct layer outputs).
+        progress: called as progress(stage, done, total).
+
+    Returns:
+        the final hidden states per batch ([B, L, H] each, before the final norm), on ``offload_device``.
+    """
+    model.eval()
+    embeds, per_layer_inputs = capture_layer_inputs(model, input_ids, attention_mask, device, batch_size)
+    hidden = [h.to(offload_device) for h in embeds]
+    n_rows = input_ids.shape[0]
+    token_masks = [
+        (torch.ones(h.shape[0] * h.shape[1], dtype=torch.bool) if attention_mask is None
+         else attention_mask[s:s + batch_size].reshape(-1).bool())
+        for h, s in zip(hidden, range(0, n_rows, batch_size))
+    ]
+    moe_blocks = adapter.moe_blocks(model)
+    layers = adapter.decoder_layers(model)
+    for i, layer in enumerate(layers):
+        layer.to(device)
+        observer, captured = None, []
+        if i in moe_blocks:
+            observer = ObservedExperts(adapter.layer(model, i, moe_blocks[i])).install()
+            if keep_moe_inputs:
+                observer.extra.append(lambda h, idx, w, m: captured.append(h[m].detach().to(offload_device)))
+        outputs = _forward_batches(layer, hidden, per_layer_inputs[i], token_masks, observer, device,
+                                   offload_device)
+        if observer is not None:
+            observer.remove()
+        changed = False
+        if on_layer is not None:
+            run = LayerRun(i, layer, observer, torch.cat(captured) if captured else None)
+            changed = bool(on_layer(run))
+        if changed and mode == "sequential":
+            outputs = _forward_batches(layer, hidden, per_layer_inputs[i], token_masks, None, device,
+                                       offload_device)
+        hidden = outputs
+        layer.to(offload_device)
+        per_layer_inputs[i] = []
+        if progress:
+            progress("layers", i + 1, len(layers))
+    return hidden
+
+
+def _forward_batches(layer, hidden, calls, token_masks, observer, device, offload_device) -> list[torch.Tensor]:
+    outs = []
+    with torch.inference_mode():
+        for h, (args, kwargs), mask in zip(hidden, calls, token_masks):
+            if observer is not None:
+                observer.token_mask = mask.to(device)
+            out = layer(h.to(device), *args, **kwargs)
+            out = out[0] if isinstance(out, tuple) else out
+            outs.append(out.detach().to(offload_device))
+    return outs

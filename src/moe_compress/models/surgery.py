@@ -1,0 +1,110 @@
+"""Exact expert surgery on all MoE layers at once: keep a subset of experts, or replace them by new ones.
+
+A standard checkpoint holds one expert count for every MoE layer (neither transformers nor vLLM reads a
+per-layer count for these families), so every call sets the same E' everywhere and writes the count into the
+config field the family really uses. DeepSeek group-limited routing also needs E' divisible by ``n_group``
+(and, when pruning, the same number of kept experts in every group, else routing silently changes).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_compress.errors import UserError
+from moe_compress.models.layer import ExpertSet, ExpertWeights
+from moe_compress.models.registry import Adapter
+
+
+def check_expert_count(adapter: Adapter, n_experts: int) -> None:
+    """Raise `UserError` if ``n_experts`` is not a valid count for this model (lists the valid ones)."""
+    rule = adapter.rule()
+    problem = rule.count_problem(n_experts)
+    if problem is not None:
+        valid = rule.valid_expert_counts(adapter.n_experts())
+        raise UserError(f"cannot use {n_experts} experts per layer: {problem}; valid counts below "
+                        f"{adapter.n_experts()}: {', '.join(map(str, valid)) or 'none'}")
+
+
+def keep_sets(adapter: Adapter, model, keep: dict[int, list[int]]) -> dict[int, ExpertSet]:
+    """ExpertSets that keep the listed original experts of each MoE layer (sorted, router rows sliced)."""
+    sets = {}
+    rule = adapter.rule()
+    for layer in adapter.layers(model):
+        kept = sorted(int(e) for e in keep[layer.index])
+        if len(set(kept)) != len(kept) or not all(0 <= e < layer.n_experts for e in kept):
+            raise ValueError(f"layer {layer.index}: invalid kept experts {kept}")
+        if rule.n_group > 1:
+            per_group = layer.n_experts // rule.n_group
+            counts = [sum(1 for e in kept if e // per_group == g) for g in range(rule.n_group)]
+            if len(set(counts)) != 1:
+                raise UserError(f"layer {layer.index}: DeepSeek group routing needs the same number of kept "
+                                f"experts in each of the {rule.n_group} groups (got {counts})")
+        idx = torch.tensor(kept, dtype=torch.long, device=layer.router_weight.device)
+        sets[layer.index] = ExpertSet(
+            experts=layer.experts.select(idx),
+            router_weight=layer.router_weight.detach().index_select(0, idx).clone(),
+            router_bias=None if layer.router_bias is None else layer.router_bias.detach()[idx].clone(),
+            correction_bias=None if layer.correction_bias is None else layer.correction_bias[idx].clone(),
+            sources=[[(e, 1.0)] for e in kept],
+        )
+    return sets
+
+
+def keep_experts(adapter: Adapter, model, keep: dict[int, list[int]]) -> None:
+    """Prune in place: layer index -> original experts to keep (same count in every MoE layer)."""
+    replace_experts(adapter, model, keep_sets(adapter, model, keep))
+
+
+def replace_experts(adapter: Adapter, model, sets: dict[int, ExpertSet]) -> None:
+    """Replace the routed experts and router rows of every MoE layer by ``sets`` (in place).
+
+    Every MoE layer must be given, all with the same count E'. Shared experts are not touched. Parameters keep
+    their dtype and device; the config count field and the modules' cached counts are updated.
+    """
+    blocks = adapter.moe_blocks(model)
+    if set(sets) != set(blocks):
+        raise ValueError(f"expert sets given for layers {sorted(sets)}, the model's MoE layers are {sorted(blocks)}")
+    counts = {s.n_experts for s in sets.values()}
+    if len(counts) != 1:
+        raise UserError(f"every MoE layer must keep the same number of experts (got {sorted(counts)}): a "
+                        "standard checkpoint holds one expert count")
+    n_new = counts.pop()
+    check_expert_count(adapter, n_new)
+    for i, block in blocks.items():
+        _write_block(adapter, block, sets[i])
+    adapter.set_n_experts(n_new)
+
+
+def _param_like(value: torch.Tensor, like: torch.Tensor) -> torch.nn.Parameter:
+    return torch.nn.Parameter(value.detach().to(dtype=like.dtype, device=like.device).contiguous(),
+                              requires_grad=like.requires_grad)
+
+
+def _write_block(adapter: Adapter, block, s: ExpertSet) -> None:
+    ex, router = block.experts, adapter.router(block)
+    w: ExpertWeights = s.experts
+    n = w.n_experts
+    if adapter.spec.layout == "fused":
+        ex.gate_up_proj = _param_like(torch.cat([w.gate, w.up], dim=1), ex.gate_up_proj)
+        ex.down_proj = _param_like(w.down, ex.down_proj)
+    else:  # gpt_oss: gate/up interleaved on the last axis, [E, H, 2I]; down [E, I, H]
+        gu = torch.stack([w.gate.transpose(1, 2), w.up.transpose(1, 2)], dim=-1).flatten(-2)
+        gub = torch.stack([w.gate_bias, w.up_bias], dim=-1).flatten(-2)
+        ex.gate_up_proj = _param_like(gu, ex.gate_up_proj)
+        ex.gate_up_proj_bias = _param_like(gub, ex.gate_up_proj_bias)
+        ex.down_proj = _param_like(w.down.transpose(1, 2), ex.down_proj)
+        ex.down_proj_bias = _param_like(w.down_bias, ex.down_proj_bias)
+    router.weight = _param_like(s.router_weight, router.weight)
+    if getattr(router, "bias", None) is not None:
+        if s.router_bias is None:
+            raise ValueError("this router has a bias: the expert set must give router_bias")
+        router.bias = _param_like(s.router_bias, router.bias)
+    if hasattr(router, "e_score_correction_bias"):
+        old = router.e_score_correction_bias
+        new = s.correction_bias if s.correction_bias is not None else torch.zeros(n)
+        router.e_score_correction_bias = new.detach().to(dtype=old.dtype, device=old.device).clone()
+    for module in (block, router, ex):
+        if hasattr(module, "num_experts"):
+            module.num_experts = n
+    if hasattr(router, "out_features"):  # phimoe's router is an nn.Linear subclass
+        router.out_features = n
