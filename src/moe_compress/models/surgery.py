@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 
 from moe_compress.errors import UserError
-from moe_compress.models.layer import ExpertSet, ExpertWeights
+from moe_compress.models.layer import ExpertSet, ExpertWeights, MoELayer
 from moe_compress.models.registry import Adapter
+from moe_compress.models.routing import RoutingRule
 
 
 def check_expert_count(adapter: Adapter, n_experts: int) -> None:
@@ -25,29 +26,35 @@ def check_expert_count(adapter: Adapter, n_experts: int) -> None:
                         f"{adapter.n_experts()}: {', '.join(map(str, valid)) or 'none'}")
 
 
+def keep_set(layer: MoELayer, kept: list[int], rule: RoutingRule | None = None) -> ExpertSet:
+    """The ExpertSet that keeps the original experts ``kept`` of ``layer`` (sorted; router rows sliced).
+
+    With DeepSeek group-limited routing (``rule.n_group > 1``) every group must keep the same number of
+    experts, or the group boundaries move and routing silently changes.
+    """
+    rule = rule or layer.rule
+    kept = sorted(int(e) for e in kept)
+    if len(set(kept)) != len(kept) or not all(0 <= e < layer.n_experts for e in kept):
+        raise ValueError(f"layer {layer.index}: invalid kept experts {kept}")
+    if rule.n_group > 1:
+        per_group = layer.n_experts // rule.n_group
+        counts = [sum(1 for e in kept if e // per_group == g) for g in range(rule.n_group)]
+        if len(set(counts)) != 1:
+            raise UserError(f"layer {layer.index}: DeepSeek group routing needs the same number of kept "
+                            f"experts in each of the {rule.n_group} groups (got {counts})")
+    idx = torch.tensor(kept, dtype=torch.long, device=layer.router_weight.device)
+    return ExpertSet(
+        experts=layer.experts.select(idx),
+        router_weight=layer.router_weight.detach().index_select(0, idx).clone(),
+        router_bias=None if layer.router_bias is None else layer.router_bias.detach()[idx].clone(),
+        correction_bias=None if layer.correction_bias is None else layer.correction_bias[idx].clone(),
+        sources=[[(e, 1.0)] for e in kept],
+    )
+
+
 def keep_sets(adapter: Adapter, model, keep: dict[int, list[int]]) -> dict[int, ExpertSet]:
-    """ExpertSets that keep the listed original experts of each MoE layer (sorted, router rows sliced)."""
-    sets = {}
-    rule = adapter.rule()
-    for layer in adapter.layers(model):
-        kept = sorted(int(e) for e in keep[layer.index])
-        if len(set(kept)) != len(kept) or not all(0 <= e < layer.n_experts for e in kept):
-            raise ValueError(f"layer {layer.index}: invalid kept experts {kept}")
-        if rule.n_group > 1:
-            per_group = layer.n_experts // rule.n_group
-            counts = [sum(1 for e in kept if e // per_group == g) for g in range(rule.n_group)]
-            if len(set(counts)) != 1:
-                raise UserError(f"layer {layer.index}: DeepSeek group routing needs the same number of kept "
-                                f"experts in each of the {rule.n_group} groups (got {counts})")
-        idx = torch.tensor(kept, dtype=torch.long, device=layer.router_weight.device)
-        sets[layer.index] = ExpertSet(
-            experts=layer.experts.select(idx),
-            router_weight=layer.router_weight.detach().index_select(0, idx).clone(),
-            router_bias=None if layer.router_bias is None else layer.router_bias.detach()[idx].clone(),
-            correction_bias=None if layer.correction_bias is None else layer.correction_bias[idx].clone(),
-            sources=[[(e, 1.0)] for e in kept],
-        )
-    return sets
+    """{layer: ExpertSet} keeping the listed original experts of every MoE layer."""
+    return {layer.index: keep_set(layer, keep[layer.index]) for layer in adapter.layers(model)}
 
 
 def keep_experts(adapter: Adapter, model, keep: dict[int, list[int]]) -> None:
@@ -71,7 +78,7 @@ def replace_experts(adapter: Adapter, model, sets: dict[int, ExpertSet]) -> None
     n_new = counts.pop()
     check_expert_count(adapter, n_new)
     for i, block in blocks.items():
-        _write_block(adapter, block, sets[i])
+        write_block(adapter, block, sets[i])
     adapter.set_n_experts(n_new)
 
 
@@ -80,7 +87,9 @@ def _param_like(value: torch.Tensor, like: torch.Tensor) -> torch.nn.Parameter:
                               requires_grad=like.requires_grad)
 
 
-def _write_block(adapter: Adapter, block, s: ExpertSet) -> None:
+def write_block(adapter: Adapter, block, s: ExpertSet) -> None:
+    """Write one MoE block's new experts and router rows. Callers update the config count afterwards
+    (`Adapter.set_n_experts`) once every block has the same count."""
     ex, router = block.experts, adapter.router(block)
     w: ExpertWeights = s.experts
     n = w.n_experts

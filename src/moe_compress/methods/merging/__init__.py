@@ -1,0 +1,1 @@
+"""Merging methods: each module registers its methods on import."""

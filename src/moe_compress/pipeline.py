@@ -1,0 +1,177 @@
+"""The compression pipeline: model -> calibration runner -> statistics -> method plan -> surgery -> export.
+
+`compress` executes a validated `Recipe`. It is the only place that wires the stages together; the CLI calls
+it, and it never parses arguments itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from moe_compress import __version__
+from moe_compress.calibration.runner import LayerRun, run_layers
+from moe_compress.calibration.stats import Statistics
+from moe_compress.errors import UserError
+from moe_compress.export.card import model_card
+from moe_compress.export.writer import check_output_dir, export_checkpoint
+from moe_compress.methods.base import LayerContext, Method, get_method
+from moe_compress.models.layer import ExpertSet
+from moe_compress.models.loading import load_model, load_tokenizer, resolve_model
+from moe_compress.models.registry import get_adapter
+from moe_compress.models.surgery import check_expert_count, write_block
+from moe_compress.recipe import Recipe
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class CompressResult:
+    """What a compression produced: the model in memory, the per-layer plans and the manifest written."""
+
+    model: object
+    tokenizer: object
+    manifest: dict
+    stats: Statistics
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {name} requested but CUDA is not available; use --device cpu")
+    return name
+
+
+def pick_dtype(name: str) -> torch.dtype | str:
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
+def validate_budget(recipe: Recipe, adapter) -> int:
+    """The target expert count; a `UserError` if it is not a strict reduction or not a valid count."""
+    n_orig = adapter.n_experts()
+    n_new = recipe.target_experts(n_orig)
+    if n_new >= n_orig:
+        raise UserError(f"--experts {n_new} must be smaller than the model's {n_orig} experts per layer")
+    check_expert_count(adapter, n_new)
+    return n_new
+
+
+def calibration_set(recipe: Recipe, tokenizer):
+    from moe_compress.calibration.data import build_calibration
+
+    c = recipe.calibration
+    if c.data is None:
+        raise UserError(f"method {recipe.method} needs calibration data: pass --calib SPEC "
+                        "(a file or folder of .txt/.jsonl, builtin:demo, hf:NAME)")
+    return build_calibration(c.data, tokenizer, n_samples=c.n_samples, seq_len=c.seq_len, seed=c.seed,
+                             packing=c.packing, chat_template=c.chat_template)
+
+
+def plan_and_apply(method: Method, adapter, model, n_new: int, *, calib=None, recipe: Recipe,
+                   device: str, progress: Progress | None = None) -> tuple[dict[int, dict], Statistics, dict]:
+    """Run the method on every MoE layer (through the calibration runner when it needs data) and write the
+    new experts into ``model``. Returns (per-layer info, statistics, timings)."""
+    gen = torch.Generator().manual_seed(recipe.seed)
+    infos: dict[int, dict] = {}
+    stats = Statistics()
+    timings = {"statistics": 0.0, "planning": 0.0, "surgery": 0.0}
+
+    def act(index: int, ctx: LayerContext, block) -> None:
+        t0 = time.perf_counter()
+        plan = method.plan(ctx)
+        t1 = time.perf_counter()
+        write_block(adapter, block, plan.expert_set)
+        timings["planning"] += t1 - t0
+        timings["surgery"] += time.perf_counter() - t1
+        infos[index] = {**plan.info, "sources": _sources(plan.expert_set)}
+
+    blocks = adapter.moe_blocks(model)
+    if calib is None:
+        for i, block in blocks.items():
+            act(i, LayerContext(adapter.layer(model, i, block), n_new, generator=gen), block)
+            if progress:
+                progress("layers", len(infos), len(blocks))
+    else:
+        t_start = time.perf_counter()
+
+        def on_layer(run: LayerRun) -> bool:
+            if run.observer is None:
+                return False
+            layer_stats = {k: v.float() for k, v in run.observer.acc.result().items()}
+            stats.layers[run.index] = layer_stats
+            ctx = LayerContext(adapter.layer(model, run.index, blocks[run.index]), n_new, layer_stats,
+                               run.moe_inputs, gen)
+            act(run.index, ctx, blocks[run.index])
+            return True
+
+        run_layers(model, adapter, calib.input_ids, calib.attention_mask, on_layer=on_layer, mode=recipe.mode,
+                   device=device, batch_size=recipe.calibration.batch_size, keep_moe_inputs=method.needs_inputs,
+                   progress=progress)
+        timings["statistics"] = time.perf_counter() - t_start - timings["planning"] - timings["surgery"]
+    adapter.set_n_experts(n_new)
+    return infos, stats, timings
+
+
+def compress(recipe: Recipe, progress: Progress | None = None, write: bool = True) -> CompressResult:
+    """Execute ``recipe``: load, calibrate, plan, apply, and (if ``write``) export to ``recipe.output``."""
+    t0 = time.perf_counter()
+    if write:
+        check_output_dir(recipe.output, recipe.overwrite)
+    method = get_method(recipe.method, **recipe.params)
+    device = pick_device(recipe.device)
+    model = load_model(recipe.model, dtype=pick_dtype(recipe.dtype), device="cpu",
+                       trust_remote_code=recipe.trust_remote_code)
+    tokenizer = load_tokenizer(recipe.model, trust_remote_code=recipe.trust_remote_code)
+    adapter = get_adapter(model)
+    n_orig = adapter.n_experts()
+    n_new = validate_budget(recipe, adapter)
+    calib = calibration_set(recipe, tokenizer) if method.needs_data else None
+    timings = {"load": time.perf_counter() - t0}
+    infos, stats, stage_times = plan_and_apply(method, adapter, model, n_new, calib=calib, recipe=recipe,
+                                               device=device, progress=progress)
+    timings.update(stage_times)
+    model.to("cpu")
+    manifest = build_manifest(recipe, method, n_orig, n_new, infos, calib, timings)
+    if write:
+        t1 = time.perf_counter()
+        source = resolve_model(recipe.model)
+        export_checkpoint(model, recipe.output, manifest=manifest, tokenizer_source=source, tokenizer=tokenizer,
+                          model_card=model_card(manifest), overwrite=recipe.overwrite)
+        timings["export"] = time.perf_counter() - t1
+    return CompressResult(model, tokenizer, manifest, stats, timings)
+
+
+def _sources(s: ExpertSet) -> list[list[list]]:
+    return [[[int(e), round(float(w), 6)] for e, w in src] for src in s.sources]
+
+
+def build_manifest(recipe: Recipe, method: Method, n_orig: int, n_new: int, infos: dict[int, dict], calib,
+                   timings: dict[str, float]) -> dict:
+    """compression.json: tool version, method and parameters, per-layer provenance, calibration, timings and
+    the full equivalent recipe."""
+    calib_info = None
+    if calib is not None:
+        calib_info = {"spec": recipe.calibration.data, "sha256": calib.sha256, "n_samples": int(calib.input_ids.shape[0]),
+                      "seq_len": int(calib.input_ids.shape[1]), "tokens": int(calib.n_tokens)}
+    recipe_dict = json.loads(recipe.model_dump_json())
+    return {
+        "tool": "moe-compress",
+        "version": __version__,
+        "model": recipe.model,
+        "method": {"name": method.name, "kind": method.kind, "params": json.loads(method.params.model_dump_json())},
+        "experts": {"original": n_orig, "kept": n_new},
+        "calibration": calib_info,
+        "mode": recipe.mode,
+        "seed": recipe.seed,
+        "layers": {str(i): info for i, info in sorted(infos.items())},
+        "timings_s": {k: round(v, 4) for k, v in timings.items()},
+        "recipe": recipe_dict,
+        "recipe_sha256": hashlib.sha256(json.dumps(recipe_dict, sort_keys=True).encode()).hexdigest(),
+    }

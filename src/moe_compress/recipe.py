@@ -1,0 +1,118 @@
+"""The recipe: one validated description of a compression run (YAML file or CLI flags, same schema).
+
+Unknown keys are errors. Every run writes its full equivalent recipe into compression.json, so any result can
+be re-run with ``moe-compress compress --recipe``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from moe_compress.errors import UserError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Calibration(_Strict):
+    data: str | None = None             # a calibration SPEC (file, folder, hf:..., builtin:..., mixture)
+    n_samples: int = Field(128, ge=1)
+    seq_len: int = Field(512, ge=2)
+    seed: int = 0
+    packing: bool = True
+    chat_template: bool = False
+    batch_size: int = Field(8, ge=1)
+
+
+class Evaluation(_Strict):
+    data: str | None = None
+    seq_len: int = Field(512, ge=2)
+    max_windows: int | None = Field(None, ge=1)
+    metrics: list[Literal["ppl", "kld", "top1"]] = ["ppl", "kld", "top1"]
+
+
+class Recipe(_Strict):
+    model: str
+    method: str
+    params: dict[str, Any] = {}
+    experts: int | None = Field(None, ge=1)   # experts kept per MoE layer
+    ratio: float | None = Field(None, gt=0, lt=1)  # fraction of routed experts removed
+    calibration: Calibration = Calibration()
+    output: str
+    overwrite: bool = False
+    mode: Literal["oneshot", "sequential"] = "oneshot"
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    seed: int = 0
+    trust_remote_code: bool = False
+    evaluation: Evaluation | None = None
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        if (self.experts is None) == (self.ratio is None):
+            raise ValueError("give exactly one budget: experts (kept per layer) or ratio (fraction removed)")
+        return self
+
+    def target_experts(self, n_original: int) -> int:
+        """Experts kept per layer for a model with ``n_original`` routed experts."""
+        if self.experts is not None:
+            return self.experts
+        return max(1, round(n_original * (1.0 - self.ratio)))
+
+
+def _set_path(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    cur = data
+    for k in keys[:-1]:
+        cur = cur.setdefault(k, {})
+        if not isinstance(cur, dict):
+            raise UserError(f"--set {dotted}: {k} is not a section")
+    cur[keys[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """``key.sub=value`` strings -> (key, YAML-parsed value) pairs."""
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            out.append((key.strip(), yaml.safe_load(raw)))
+        except yaml.YAMLError:
+            raise UserError(f"--set {key}: cannot parse value {raw!r}") from None
+    return out
+
+
+def build_recipe(data: dict, overrides: list[tuple[str, Any]] = ()) -> Recipe:
+    """Validate a recipe dict (+ dotted overrides) into a Recipe; `UserError` with the first problem."""
+    data = dict(data)
+    for key, value in overrides:
+        _set_path(data, key, value)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "recipe"
+        msg = first["msg"].replace("Value error, ", "")
+        if first["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling)"
+        raise UserError(f"invalid recipe: {where}: {msg}") from None
+
+
+def load_recipe_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"recipe {path} must be a YAML mapping of keys to values")
+    return data
