@@ -104,7 +104,7 @@ def plan_and_apply(method: Method, adapter, model, n_new: int, *, calib=None, re
         def on_layer(run: LayerRun) -> bool:
             if run.observer is None:
                 return False
-            layer_stats = {k: v.float() for k, v in run.observer.acc.result().items()}
+            layer_stats = {k: v.float() for k, v in run.observer.results().items()}
             stats.layers[run.index] = layer_stats
             ctx = LayerContext(adapter.layer(model, run.index, blocks[run.index]), n_new, layer_stats,
                                run.moe_inputs, gen)
@@ -113,7 +113,7 @@ def plan_and_apply(method: Method, adapter, model, n_new: int, *, calib=None, re
 
         run_layers(model, adapter, calib.input_ids, calib.attention_mask, on_layer=on_layer, mode=recipe.mode,
                    device=device, batch_size=recipe.calibration.batch_size, keep_moe_inputs=method.needs_inputs,
-                   progress=progress)
+                   stats=tuple(method.needs), observer_options=method.observer_options(), progress=progress)
         timings["statistics"] = time.perf_counter() - t_start - timings["planning"] - timings["surgery"]
     adapter.set_n_experts(n_new)
     return infos, stats, timings

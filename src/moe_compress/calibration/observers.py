@@ -13,17 +13,84 @@ per-(token, slot) expert output y [T*k, H] to the statistics. Routed-only statis
   experts).
 
 Tokens whose attention-mask entry is 0 (padding) are run (the model runs them) but not counted.
+
+Statistics that need more than the routed outputs (similarities, input second moments) are `LayerObserver`
+plug-ins registered in `EXTRA_OBSERVERS` under each statistic name they provide; the runner installs the ones
+a method asks for. Each sees every batch as (hidden [T, H], top-k indices [T, k], weights [T, k], real-token
+mask [T]) through `update`, and returns {statistic: tensor} from `result`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
 from moe_compress.models.layer import MoELayer, expert_forward
 
 ROUTED_STATS = ("frequency", "soft_count", "ean", "reap", "max_activation")
+
+
+class LayerObserver:
+    """A statistic observer for one MoE layer beyond the routed statistics (subclass and `register_observer`).
+
+    ``provides``: the statistic names `result` returns. ``options``: free-form settings from the caller (for
+    example a token budget).
+    """
+
+    provides: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, layer: MoELayer, **options):
+        self.layer = layer
+        self.options = options
+
+    def update(self, hidden: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def result(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+EXTRA_OBSERVERS: dict[str, type[LayerObserver]] = {}
+
+
+def register_observer(cls: type[LayerObserver]) -> type[LayerObserver]:
+    for name in cls.provides:
+        EXTRA_OBSERVERS[name] = cls
+    return cls
+
+
+class InputCapture(LayerObserver):
+    """Keeps the MoE block's inputs of real tokens ([T, H] in total, from `inputs`) on ``offload_device``.
+    Not a statistic: `result` is empty."""
+
+    def __init__(self, layer: MoELayer, offload_device="cpu", **options):
+        super().__init__(layer, **options)
+        self.offload_device = offload_device
+        self.chunks: list[torch.Tensor] = []
+
+    def update(self, hidden, idx, weights, mask):
+        self.chunks.append(hidden[mask].detach().to(self.offload_device))
+
+    def inputs(self) -> torch.Tensor:
+        return torch.cat(self.chunks) if self.chunks else torch.empty(0, self.layer.router_weight.shape[1])
+
+    def result(self):
+        return {}
+
+
+def make_observers(layer: MoELayer, names, **options) -> list[LayerObserver]:
+    """One instance of each extra observer class needed for the statistic ``names`` (routed ones skipped)."""
+    classes: list[type[LayerObserver]] = []
+    for name in names:
+        if name in ROUTED_STATS:
+            continue
+        if name not in EXTRA_OBSERVERS:
+            raise ValueError(f"no observer provides statistic {name!r}")
+        if EXTRA_OBSERVERS[name] not in classes:
+            classes.append(EXTRA_OBSERVERS[name])
+    return [cls(layer, **options) for cls in classes]
 
 
 @dataclass
@@ -65,16 +132,22 @@ class ObservedExperts:
     """An instrumented replacement for ``block.experts.forward`` (install with `install`, undo with `remove`).
 
     Computes the model's routed-expert output (same math as transformers' eager path) while feeding the
-    routed statistics, and optionally the extra observers in ``extra`` (callables taking
-    ``(hidden [T,H], idx [T,k], weights [T,k], token_mask [T])``).
+    routed statistics, and the `LayerObserver` plug-ins in ``extra``.
     """
 
-    def __init__(self, layer: MoELayer, device=None):
+    def __init__(self, layer: MoELayer, extra: list[LayerObserver] | None = None, device=None):
         self.layer = layer
         self.acc = RoutedAccumulator(layer.n_experts, device or layer.router_weight.device)
         self.token_mask: torch.Tensor | None = None  # [T] bool for the current batch, set by the runner
-        self.extra: list = []
+        self.extra: list[LayerObserver] = list(extra or [])
         self._experts = layer.block.experts
+
+    def results(self) -> dict[str, torch.Tensor]:
+        """Routed statistics and every plug-in's statistics of this layer."""
+        out = dict(self.acc.result())
+        for obs in self.extra:
+            out.update(obs.result())
+        return out
 
     def install(self) -> "ObservedExperts":
         self._experts.forward = self.forward  # instance attribute shadows the class method
@@ -90,8 +163,8 @@ class ObservedExperts:
         t, k = top_k_index.shape
         mask = self.token_mask if self.token_mask is not None else torch.ones(t, dtype=torch.bool,
                                                                                device=hidden.device)
-        for fn in self.extra:
-            fn(hidden, top_k_index, top_k_weights, mask)
+        for obs in self.extra:
+            obs.update(hidden, top_k_index, top_k_weights, mask)
         flat = top_k_index.reshape(-1)
         order = torch.argsort(flat, stable=True)
         sorted_e = flat[order]

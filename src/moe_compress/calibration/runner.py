@@ -22,7 +22,7 @@ from typing import Callable, Literal
 
 import torch
 
-from moe_compress.calibration.observers import ObservedExperts
+from moe_compress.calibration.observers import InputCapture, ObservedExperts, make_observers
 from moe_compress.models.registry import Adapter
 
 
@@ -30,9 +30,9 @@ from moe_compress.models.registry import Adapter
 class LayerRun:
     """What the callback of one decoder layer receives.
 
-    inputs: per batch, the layer's input hidden states [B, S, H]; token_masks: per batch [B*S] bool;
-    observer: the statistics observer of an MoE layer (None for dense layers); moe_inputs: the MoE block's
-    input hidden states of real tokens [T, H] (only if ``keep_moe_inputs``).
+    observer: the statistics observer of an MoE layer (None for dense layers; ``observer.results()`` gives
+    every statistic); moe_inputs: the MoE block's input hidden states of real tokens [T, H] (only if
+    ``keep_moe_inputs``).
     """
 
     index: int
@@ -97,6 +97,8 @@ def run_layers(
     offload_device: str | torch.device = "cpu",
     batch_size: int = 8,
     keep_moe_inputs: bool = False,
+    stats: tuple[str, ...] | list[str] = (),
+    observer_options: dict | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> list[torch.Tensor]:
     """Run the calibration set through the decoder layers one at a time.
@@ -107,6 +109,8 @@ def run_layers(
             return value True means "the layer changed": in ``sequential`` mode its outputs are recomputed.
         keep_moe_inputs: also hand the callback the MoE block's inputs of the real tokens [T, H] (for methods
             that reconstruct layer outputs).
+        stats: statistics wanted beyond the routed ones (installs their `LayerObserver` plug-ins);
+            observer_options: keyword options passed to those plug-ins.
         progress: called as progress(stage, done, total).
 
     Returns:
@@ -125,18 +129,21 @@ def run_layers(
     layers = adapter.decoder_layers(model)
     for i, layer in enumerate(layers):
         layer.to(device)
-        observer, captured = None, []
+        observer, capture = None, None
         if i in moe_blocks:
-            observer = ObservedExperts(adapter.layer(model, i, moe_blocks[i])).install()
+            view = adapter.layer(model, i, moe_blocks[i])
+            extra = make_observers(view, stats, **(observer_options or {}))
             if keep_moe_inputs:
-                observer.extra.append(lambda h, idx, w, m: captured.append(h[m].detach().to(offload_device)))
+                capture = InputCapture(view, offload_device=offload_device)
+                extra.append(capture)
+            observer = ObservedExperts(view, extra).install()
         outputs = _forward_batches(layer, hidden, per_layer_inputs[i], token_masks, observer, device,
                                    offload_device)
         if observer is not None:
             observer.remove()
         changed = False
         if on_layer is not None:
-            run = LayerRun(i, layer, observer, torch.cat(captured) if captured else None)
+            run = LayerRun(i, layer, observer, None if capture is None else capture.inputs())
             changed = bool(on_layer(run))
         if changed and mode == "sequential":
             outputs = _forward_batches(layer, hidden, per_layer_inputs[i], token_masks, None, device,

@@ -74,6 +74,10 @@ class Method:
     def plan(self, ctx: LayerContext) -> LayerPlan:
         raise NotImplementedError
 
+    def observer_options(self) -> dict[str, Any]:
+        """Options for the statistic observers this method needs (e.g. a token budget)."""
+        return {}
+
     @classmethod
     def describe(cls) -> dict[str, Any]:
         """Name, kind, one-line summary and parameters with defaults (for `moe-compress methods`)."""
