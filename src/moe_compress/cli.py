@@ -143,8 +143,21 @@ def _log_traceback() -> Path:
     return Path(path)
 
 
+def _quiet_libraries() -> None:
+    """Our own progress bars and messages only: silence transformers' loading bars and warnings."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def main() -> None:
     """Console entry point: maps errors to exit codes (2 = user mistake, 1 = internal error)."""
+    _quiet_libraries()
     try:
         app(standalone_mode=False)
     except UserError as e:

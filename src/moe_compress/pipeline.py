@@ -22,7 +22,7 @@ from moe_compress.export.card import model_card
 from moe_compress.export.writer import check_output_dir, export_checkpoint
 from moe_compress.methods.base import LayerContext, Method, get_method
 from moe_compress.models.layer import ExpertSet
-from moe_compress.models.loading import load_model, load_tokenizer, resolve_model
+from moe_compress.models.loading import load_config, load_model, load_tokenizer, resolve_model
 from moe_compress.models.registry import get_adapter
 from moe_compress.models.surgery import check_expert_count, write_block
 from moe_compress.recipe import Recipe
@@ -63,13 +63,16 @@ def validate_budget(recipe: Recipe, adapter) -> int:
     return n_new
 
 
+def require_calibration(recipe: Recipe, method: Method) -> None:
+    if method.needs_data and recipe.calibration.data is None:
+        raise UserError(f"method {recipe.method} needs calibration data: pass --calib SPEC "
+                        "(a file or folder of .txt/.jsonl, builtin:demo, hf:NAME)")
+
+
 def calibration_set(recipe: Recipe, tokenizer):
     from moe_compress.calibration.data import build_calibration
 
     c = recipe.calibration
-    if c.data is None:
-        raise UserError(f"method {recipe.method} needs calibration data: pass --calib SPEC "
-                        "(a file or folder of .txt/.jsonl, builtin:demo, hf:NAME)")
     return build_calibration(c.data, tokenizer, n_samples=c.n_samples, seq_len=c.seq_len, seed=c.seed,
                              packing=c.packing, chat_template=c.chat_template)
 
@@ -125,13 +128,14 @@ def compress(recipe: Recipe, progress: Progress | None = None, write: bool = Tru
     if write:
         check_output_dir(recipe.output, recipe.overwrite)
     method = get_method(recipe.method, **recipe.params)
+    require_calibration(recipe, method)
     device = pick_device(recipe.device)
+    n_new = validate_budget(recipe, get_adapter(load_config(recipe.model, recipe.trust_remote_code)))
     model = load_model(recipe.model, dtype=pick_dtype(recipe.dtype), device="cpu",
                        trust_remote_code=recipe.trust_remote_code)
     tokenizer = load_tokenizer(recipe.model, trust_remote_code=recipe.trust_remote_code)
     adapter = get_adapter(model)
     n_orig = adapter.n_experts()
-    n_new = validate_budget(recipe, adapter)
     calib = calibration_set(recipe, tokenizer) if method.needs_data else None
     timings = {"load": time.perf_counter() - t0}
     infos, stats, stage_times = plan_and_apply(method, adapter, model, n_new, calib=calib, recipe=recipe,
