@@ -80,33 +80,21 @@ def compress(
     from moe_compress.recipe import build_recipe, load_recipe_file, parse_overrides
 
     data = load_recipe_file(recipe) if recipe else {}
-    flags = {"model": model, "method": method, "experts": experts, "ratio": ratio, "output": out,
-             "mode": mode, "device": device, "dtype": dtype, "seed": seed}
-    data.update({k: v for k, v in flags.items() if v is not None})
-    if experts is not None and ratio is None:
-        data.pop("ratio", None)
-    if ratio is not None and experts is None:
-        data.pop("experts", None)
-    cal = dict(data.get("calibration") or {})
-    cal.update({k: v for k, v in {"data": calib, "n_samples": n_samples, "seq_len": seq_len,
-                                  "batch_size": batch_size}.items() if v is not None})
-    if seed is not None:
-        cal["seed"] = seed
-    if per_document:
-        cal["packing"] = False
-    if chat_template:
-        cal["chat_template"] = True
-    data["calibration"] = cal
-    if param:
-        data["params"] = {**(data.get("params") or {}), **_method_params(param)}
-    if overwrite:
-        data["overwrite"] = True
-    if trust_remote_code:
-        data["trust_remote_code"] = True
+    flags = {"model": model, "method": method, "output": out, "mode": mode, "device": device, "dtype": dtype,
+             "seed": seed, "calibration.data": calib, "calibration.n_samples": n_samples,
+             "calibration.seq_len": seq_len, "calibration.batch_size": batch_size, "calibration.seed": seed,
+             "calibration.packing": False if per_document else None,
+             "calibration.chat_template": True if chat_template else None,
+             "overwrite": True if overwrite else None, "trust_remote_code": True if trust_remote_code else None}
+    overrides = [(k, v) for k, v in flags.items() if v is not None]
+    if experts is not None or ratio is not None:  # a budget flag replaces the recipe's budget
+        data = {k: v for k, v in data.items() if k not in ("experts", "ratio")}
+        overrides += [(k, v) for k, v in (("experts", experts), ("ratio", ratio)) if v is not None]
+    overrides += [(f"params.{k}", v) for k, v in _method_params(param).items()]
     for key, label in (("model", "MODEL"), ("method", "--method"), ("output", "--out")):
-        if not data.get(key):
+        if not (data.get(key) or flags[key]):
             raise UserError(f"missing {label} (give it on the command line or in --recipe)")
-    r = build_recipe(data, parse_overrides(set_))
+    r = build_recipe(data, overrides + parse_overrides(set_))
     if dry_run:
         out_console.print(describe_plan(r))
         return

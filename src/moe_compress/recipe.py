@@ -6,6 +6,7 @@ be re-run with ``moe-compress compress --recipe``.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -69,9 +70,11 @@ def _set_path(data: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     cur = data
     for k in keys[:-1]:
-        cur = cur.setdefault(k, {})
+        if cur.get(k) is None:
+            cur[k] = {}
+        cur = cur[k]
         if not isinstance(cur, dict):
-            raise UserError(f"--set {dotted}: {k} is not a section")
+            raise UserError(f"invalid recipe: {k} must be a mapping of keys to values (setting {dotted})")
     cur[keys[-1]] = value
 
 
@@ -91,7 +94,7 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
 
 def build_recipe(data: dict, overrides: list[tuple[str, Any]] = ()) -> Recipe:
     """Validate a recipe dict (+ dotted overrides) into a Recipe; `UserError` with the first problem."""
-    data = dict(data)
+    data = copy.deepcopy(data)
     for key, value in overrides:
         _set_path(data, key, value)
     try:
