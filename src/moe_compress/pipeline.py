@@ -77,49 +77,73 @@ def calibration_set(recipe: Recipe, tokenizer):
                              packing=c.packing, chat_template=c.chat_template)
 
 
+class MethodApplier:
+    """Plans one method layer by layer and writes each layer's new experts into ``model`` right away.
+
+    ``infos`` collects each layer's plan record (with ``sources``); ``timings`` the planning and surgery time.
+    """
+
+    def __init__(self, method: Method, adapter, model, n_new: int, seed: int):
+        self.method, self.adapter, self.model, self.n_new = method, adapter, model, n_new
+        self.blocks = adapter.moe_blocks(model)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.infos: dict[int, dict] = {}
+        self.timings = {"planning": 0.0, "surgery": 0.0}
+
+    def apply(self, index: int, stats: dict[str, torch.Tensor] | None = None,
+              inputs: torch.Tensor | None = None) -> None:
+        """Plan layer ``index`` from its statistics (and MoE inputs [T, H]) and write the result."""
+        block = self.blocks[index]
+        ctx = LayerContext(self.adapter.layer(self.model, index, block), self.n_new, stats or {}, inputs,
+                           self.generator)
+        t0 = time.perf_counter()
+        plan = self.method.plan(ctx)
+        t1 = time.perf_counter()
+        write_block(self.adapter, block, plan.expert_set)
+        self.timings["planning"] += t1 - t0
+        self.timings["surgery"] += time.perf_counter() - t1
+        self.infos[index] = {**plan.info, "sources": _sources(plan.expert_set)}
+
+    def finish(self) -> None:
+        """Every MoE layer now holds ``n_new`` experts: record it in the config."""
+        missing = set(self.blocks) - set(self.infos)
+        if missing:
+            raise RuntimeError(f"MoE layers {sorted(missing)} were not compressed")
+        self.adapter.set_n_experts(self.n_new)
+
+
 def plan_and_apply(method: Method, adapter, model, n_new: int, *, calib=None, recipe: Recipe,
                    device: str, progress: Progress | None = None) -> tuple[dict[int, dict], Statistics, dict]:
     """Run the method on every MoE layer (through the calibration runner when it needs data) and write the
     new experts into ``model``. Returns (per-layer info, statistics, timings)."""
-    gen = torch.Generator().manual_seed(recipe.seed)
-    infos: dict[int, dict] = {}
+    applier = MethodApplier(method, adapter, model, n_new, recipe.seed)
     stats = Statistics()
-    timings = {"statistics": 0.0, "planning": 0.0, "surgery": 0.0}
-
-    def act(index: int, ctx: LayerContext, block) -> None:
-        t0 = time.perf_counter()
-        plan = method.plan(ctx)
-        t1 = time.perf_counter()
-        write_block(adapter, block, plan.expert_set)
-        timings["planning"] += t1 - t0
-        timings["surgery"] += time.perf_counter() - t1
-        infos[index] = {**plan.info, "sources": _sources(plan.expert_set)}
-
-    blocks = adapter.moe_blocks(model)
     if calib is None:
-        for i, block in blocks.items():
-            act(i, LayerContext(adapter.layer(model, i, block), n_new, generator=gen), block)
+        for i in applier.blocks:
+            applier.apply(i)
             if progress:
-                progress("layers", len(infos), len(blocks))
+                progress("layers", len(applier.infos), len(applier.blocks))
+        timings = {"statistics": 0.0}
     else:
+        from moe_compress.calibration.collect import row_domains
+
         t_start = time.perf_counter()
 
         def on_layer(run: LayerRun) -> bool:
             if run.observer is None:
                 return False
-            layer_stats = {k: v.float() for k, v in run.observer.results().items()}
-            stats.layers[run.index] = layer_stats
-            ctx = LayerContext(adapter.layer(model, run.index, blocks[run.index]), n_new, layer_stats,
-                               run.moe_inputs, gen)
-            act(run.index, ctx, blocks[run.index])
+            stats.layers[run.index] = {k: v.float() for k, v in run.observer.results().items()}
+            applier.apply(run.index, stats.layers[run.index], run.moe_inputs)
             return True
 
+        domains, _ = row_domains(getattr(calib, "domains", None), int(calib.input_ids.shape[0]))
         run_layers(model, adapter, calib.input_ids, calib.attention_mask, on_layer=on_layer, mode=recipe.mode,
                    device=device, batch_size=recipe.calibration.batch_size, keep_moe_inputs=method.needs_inputs,
-                   stats=tuple(method.needs), observer_options=method.observer_options(), progress=progress)
-        timings["statistics"] = time.perf_counter() - t_start - timings["planning"] - timings["surgery"]
-    adapter.set_n_experts(n_new)
-    return infos, stats, timings
+                   stats=tuple(method.needs), observer_options=method.observer_options(), progress=progress,
+                   domains=domains)
+        timings = {"statistics": time.perf_counter() - t_start - sum(applier.timings.values())}
+    applier.finish()
+    return applier.infos, stats, {**timings, **applier.timings}
 
 
 def compress(recipe: Recipe, progress: Progress | None = None, write: bool = True) -> CompressResult:

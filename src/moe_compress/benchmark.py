@@ -1,0 +1,219 @@
+"""The side-by-side benchmark: every method x budget from ONE statistics pass, each result evaluated against the
+original model on the same windows in the same run (perplexity ratio, KL divergence, top-1 agreement, per
+domain), with timings per stage.
+
+Method variants are written ``NAME[key=value,key=value]`` (e.g. ``submoe[whiten=true,rank_ratio=0.5]``) so
+ablations of one method sit in the same table.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+
+from moe_compress.calibration.runner import LayerRun, run_layers
+from moe_compress.errors import UserError
+from moe_compress.export.writer import atomic_output_dir, check_output_dir, save_model
+from moe_compress.methods.base import Method, get_method
+from moe_compress.models.loading import load_config, load_model, load_tokenizer
+from moe_compress.models.registry import get_adapter
+from moe_compress.models.surgery import check_expert_count
+from moe_compress.pipeline import MethodApplier, pick_device
+from moe_compress.recipe import Calibration
+
+Progress = Callable[[str, int, int], None]
+_VARIANT = re.compile(r"^\s*([A-Za-z0-9_\-]+)\s*(?:\[(.*)\])?\s*$")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One column of the benchmark: a method and its parameters; ``label`` is how it was written."""
+
+    label: str
+    name: str
+    params: dict
+
+
+def parse_variants(spec: str) -> list[Variant]:
+    """``"frequency,submoe[whiten=true,rank_ratio=0.5]"`` -> variants (commas inside [] belong to the params)."""
+    parts, depth, cur = [], 0, ""
+    for ch in spec:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    out = []
+    for part in filter(str.strip, parts):
+        m = _VARIANT.match(part)
+        if not m:
+            raise UserError(f"cannot parse method {part!r}: write NAME or NAME[key=value,...]")
+        params = {}
+        for item in filter(str.strip, (m.group(2) or "").split(",")):
+            if "=" not in item:
+                raise UserError(f"method {part!r}: parameter {item!r} is not key=value")
+            k, v = item.split("=", 1)
+            params[k.strip()] = yaml.safe_load(v)
+        out.append(Variant(part.strip(), m.group(1), params))
+    if not out:
+        raise UserError("--methods is empty")
+    return out
+
+
+@dataclass
+class BenchSpec:
+    model: str
+    variants: list[Variant]
+    budgets: list[int]
+    calibration: Calibration
+    eval_data: str
+    eval_seq_len: int = 512
+    max_windows: int | None = None     # per domain
+    eval_batch_size: int = 8
+    device: str = "auto"
+    seed: int = 0
+    save_models: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def _eval_windows(spec: BenchSpec, tokenizer) -> dict[str, torch.Tensor]:
+    from moe_compress.calibration.data import evaluation_windows, read_documents
+
+    windows = evaluation_windows(read_documents(spec.eval_data), tokenizer, spec.eval_seq_len)
+    windows = {d: w[: spec.max_windows] if spec.max_windows else w for d, w in windows.items() if len(w)}
+    if not windows:
+        raise UserError(f"evaluation data {spec.eval_data} has fewer tokens than one window of "
+                        f"{spec.eval_seq_len}; lower --eval-seq-len or add text")
+    return windows
+
+
+def run_bench(spec: BenchSpec, out: str | Path, overwrite: bool = False, progress: Progress | None = None) -> list[dict]:
+    """Run the benchmark and write results.csv, results.md, results.json and plots into ``out``."""
+    from moe_compress.calibration.data import build_calibration
+    from moe_compress.evaluation.metrics import evaluate_lm, parameter_counts
+
+    check_output_dir(out, overwrite)
+    methods: list[tuple[Variant, Method]] = [(v, get_method(v.name, **v.params)) for v in spec.variants]
+    adapter = get_adapter(load_config(spec.model))
+    n_orig = adapter.n_experts()
+    for n in spec.budgets:
+        if n >= n_orig:
+            raise UserError(f"budget {n} must be smaller than the model's {n_orig} experts per layer")
+        check_expert_count(adapter, n)
+    device = pick_device(spec.device)
+    t0 = time.perf_counter()
+    original = load_model(spec.model)
+    tokenizer = load_tokenizer(spec.model)
+    adapter = get_adapter(original)
+    c = spec.calibration
+    calib = build_calibration(c.data, tokenizer, n_samples=c.n_samples, seq_len=c.seq_len, seed=c.seed,
+                              packing=c.packing, chat_template=c.chat_template)
+    windows = _eval_windows(spec, tokenizer)
+    load_s = time.perf_counter() - t0
+
+    # one statistics pass for every method (the union of what they need, MoE inputs if any method wants them)
+    needs = sorted(set().union(*(m.needs for _, m in methods)))
+    options: dict = {}
+    for _, m in methods:
+        options.update(m.observer_options())
+    keep_inputs = any(m.needs_inputs for _, m in methods)
+    layer_stats: dict[int, dict[str, torch.Tensor]] = {}
+    layer_inputs: dict[int, torch.Tensor] = {}
+
+    def on_layer(run: LayerRun) -> bool:
+        if run.observer is not None:
+            layer_stats[run.index] = {k: v.float() for k, v in run.observer.results().items()}
+            if run.moe_inputs is not None:
+                layer_inputs[run.index] = run.moe_inputs
+        return False
+
+    t0 = time.perf_counter()
+    run_layers(original, adapter, calib.input_ids, calib.attention_mask, on_layer=on_layer, device=device,
+               batch_size=c.batch_size, keep_moe_inputs=keep_inputs, stats=tuple(needs), observer_options=options,
+               progress=progress)
+    stats_s = time.perf_counter() - t0
+    original.to(device)
+    params_orig = parameter_counts(original)
+
+    rows: list[dict] = []
+    total = len(methods) * len(spec.budgets)
+    with atomic_output_dir(out, overwrite) as tmp:
+        for n_new in spec.budgets:
+            for variant, method in methods:
+                model = copy.deepcopy(original).to("cpu")
+                applier = MethodApplier(method, get_adapter(model), model, n_new, spec.seed)
+                for i in applier.blocks:
+                    applier.apply(i, layer_stats.get(i), layer_inputs.get(i))
+                applier.finish()
+                export_s = _timed_export(model, tmp / "checkpoints" / f"{_slug(variant.label)}-{n_new}e"
+                                         if spec.save_models else None)
+                model.to(device)
+                t2 = time.perf_counter()
+                res = evaluate_lm(model, windows, reference=original, batch_size=spec.eval_batch_size).to_dict()
+                eval_s = time.perf_counter() - t2
+                rows.append(_row(variant, method, n_orig, n_new, res, parameter_counts(model), params_orig,
+                                 {"statistics": stats_s, **applier.timings, "export": export_s, "eval": eval_s}))
+                del model
+                if progress:
+                    progress("methods", len(rows), total)
+        meta = {"model": spec.model, "calibration": json.loads(c.model_dump_json()), "calibration_sha256": calib.sha256,
+                "eval_data": spec.eval_data, "eval_seq_len": spec.eval_seq_len, "max_windows": spec.max_windows,
+                "eval_tokens": {d: int(w.shape[0] * (w.shape[1] - 1)) for d, w in windows.items()},
+                "budgets": spec.budgets, "methods": [v.label for v in spec.variants], "seed": spec.seed,
+                "device": device, "load_s": round(load_s, 3), "statistics_s": round(stats_s, 3),
+                "torch": torch.__version__}
+        write_results(tmp, rows, meta)
+    return rows
+
+
+def _timed_export(model, folder: Path | None) -> float:
+    """Seconds to write ``model``'s checkpoint (into ``folder``, or a scratch folder removed afterwards)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        t0 = time.perf_counter()
+        save_model(model, folder or Path(scratch))
+        return time.perf_counter() - t0
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_")
+
+
+def _row(variant: Variant, method: Method, n_orig: int, n_new: int, res: dict, params: dict, params_orig: dict,
+         timings: dict) -> dict:
+    row = {"method": variant.label, "kind": method.kind, "experts": n_new, "experts_original": n_orig,
+           "params_M": round(params["params"] / 1e6, 3), "params_ratio": round(params["params"] / params_orig["params"], 4),
+           "ppl": res["ppl"], "ppl_reference": res["ppl_reference"], "ppl_ratio": res["ppl_ratio"],
+           "kld": res["kld"], "top1": res["top1"], "tokens": res["tokens"]}
+    for d, m in res["domains"].items():
+        for k in ("ppl_ratio", "kld", "top1"):
+            row[f"{d}.{k}"] = m[k]
+    row.update({f"time_{k}_s": round(v, 4) for k, v in timings.items()})
+    return row
+
+
+def write_results(folder: Path, rows: list[dict], meta: dict) -> None:
+    """results.csv, results.json, results.md and the plots."""
+    from moe_compress.report.bench import markdown_report, plot_domains, plot_vs_experts
+
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(folder / "results.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    (folder / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    plots = [plot_vs_experts(rows, "ppl_ratio", folder / "ppl_ratio.png"),
+             plot_vs_experts(rows, "kld", folder / "kld.png")]
+    plots += [plot_domains(rows, n, folder / f"domains_{n}e.png") for n in meta["budgets"]]
+    (folder / "results.md").write_text(markdown_report(rows, meta, [p.name for p in plots]))
