@@ -17,7 +17,16 @@ Tokens whose attention-mask entry is 0 (padding) are run (the model runs them) b
 Statistics that need more than the routed outputs (similarities, input second moments) are `LayerObserver`
 plug-ins registered in `EXTRA_OBSERVERS` under each statistic name they provide; the runner installs the ones
 a method asks for. Each sees every batch as (hidden [T, H], top-k indices [T, k], weights [T, k], real-token
-mask [T]) through `update`, and returns {statistic: tensor} from `result`.
+mask [T]) through `update`, and returns {statistic: tensor} from `result`. Before each `update` the observer's
+``token_domain`` attribute is set to the batch's per-token domain ids [T] (int64), or None when the
+calibration data has no domains. The built-in plug-ins (`calibration.similarity`, `calibration.moments`,
+`calibration.domains`) register themselves the first time `make_observers` runs.
+
+On accelerators the routed experts run as one grouped matrix product per projection
+(``torch.nn.functional.grouped_mm`` / ``torch._grouped_mm``, like transformers' ``grouped_mm`` backend) where
+the installed torch supports it for these tensors; on CPU (where torch 2.13's grouped_mm kernel is several
+times slower than one product per expert, see bench/observer_overhead.py) and as a fallback, as one product
+per expert on its tokens.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ from typing import ClassVar
 
 import torch
 
-from moe_compress.models.layer import MoELayer, expert_forward
+from moe_compress.models.layer import ExpertWeights, MoELayer, expert_forward
 
 ROUTED_STATS = ("frequency", "soft_count", "ean", "reap", "max_activation")
 
@@ -40,6 +49,7 @@ class LayerObserver:
     """
 
     provides: ClassVar[tuple[str, ...]] = ()
+    token_domain: torch.Tensor | None = None  # [T] int64 domain id per token of the current batch, or None
 
     def __init__(self, layer: MoELayer, **options):
         self.layer = layer
@@ -80,8 +90,15 @@ class InputCapture(LayerObserver):
         return {}
 
 
+def _load_builtin_observers() -> None:
+    import moe_compress.calibration.domains  # noqa: F401  (registration side effects)
+    import moe_compress.calibration.moments  # noqa: F401
+    import moe_compress.calibration.similarity  # noqa: F401
+
+
 def make_observers(layer: MoELayer, names, **options) -> list[LayerObserver]:
     """One instance of each extra observer class needed for the statistic ``names`` (routed ones skipped)."""
+    _load_builtin_observers()
     classes: list[type[LayerObserver]] = []
     for name in names:
         if name in ROUTED_STATS:
@@ -108,17 +125,26 @@ class RoutedAccumulator:
                      "max_activation": z()}
 
     def update(self, expert_of_row: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
-               renorm_weight: torch.Tensor) -> None:
-        """expert_of_row [R], y [R, H] expert outputs, weight/renorm_weight [R] for R routed (token, slot)s."""
+               renorm_weight: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """expert_of_row [R], y [R, H] expert outputs, weight/renorm_weight [R] for R routed (token, slot)s;
+        keep [R] bool (None = all): rows that count (real tokens)."""
+        norms = torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32)
+        peak = y.abs().amax(dim=-1).float() if y.numel() else norms
+        self.update_rows(expert_of_row, norms, peak, weight, renorm_weight, keep)
+
+    def update_rows(self, expert_of_row: torch.Tensor, norms: torch.Tensor, peaks: torch.Tensor,
+                    weight: torch.Tensor, renorm_weight: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """Per routed row r (all [R]): expert, ||y_r||_2, max_j |y_rj|, routing weight, renormalised weight,
+        and keep (bool, None = all). Rows with keep False contribute nothing (no compaction, no sync)."""
         e, n = expert_of_row, self.n_experts
-        norms = torch.linalg.vector_norm(y.float(), dim=-1).double()
+        k = torch.ones_like(norms, dtype=torch.float64) if keep is None else keep.double()
+        norms = norms.double() * k
         s = self.sums
-        s["frequency"] += torch.bincount(e, minlength=n).double()
-        s["soft_count"].index_add_(0, e, weight.double())
+        s["frequency"] += torch.bincount(e, weights=k, minlength=n)
+        s["soft_count"].index_add_(0, e, weight.double() * k)
         s["ean"].index_add_(0, e, norms)
         s["reap_sum"].index_add_(0, e, renorm_weight.double() * norms)
-        peak = y.abs().amax(dim=-1).double() if y.numel() else norms
-        s["max_activation"].scatter_reduce_(0, e, peak, reduce="amax")
+        s["max_activation"].scatter_reduce_(0, e, peaks.double() * k, reduce="amax")
 
     def result(self) -> dict[str, torch.Tensor]:
         """{name: [E] float64}; ``reap`` is the mean over routed tokens (0 for an expert never routed)."""
@@ -139,6 +165,8 @@ class ObservedExperts:
         self.layer = layer
         self.acc = RoutedAccumulator(layer.n_experts, device or layer.router_weight.device)
         self.token_mask: torch.Tensor | None = None  # [T] bool for the current batch, set by the runner
+        self.token_domain: torch.Tensor | None = None  # [T] int64 domain ids of the current batch, or None
+        self._grouped: bool | None = None  # grouped_mm usable here (None: not tried yet)
         self.extra: list[LayerObserver] = list(extra or [])
         self._experts = layer.block.experts
 
@@ -164,24 +192,68 @@ class ObservedExperts:
         mask = self.token_mask if self.token_mask is not None else torch.ones(t, dtype=torch.bool,
                                                                                device=hidden.device)
         for obs in self.extra:
+            obs.token_domain = self.token_domain
             obs.update(hidden, top_k_index, top_k_weights, mask)
         flat = top_k_index.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        sorted_e = flat[order]
+        sorted_e, order = torch.sort(flat, stable=True)
         tok = order // k
-        counts = torch.bincount(sorted_e, minlength=self.layer.n_experts).tolist()
-        y = hidden.new_empty((t * k, hidden.shape[-1]))
-        start = 0
-        for e, c in enumerate(counts):
-            if c:
-                y[start:start + c] = expert_forward(self.layer.experts, e, hidden[tok[start:start + c]],
-                                                    self.layer.activation)
-                start += c
+        y = self._routed_outputs(hidden[tok], sorted_e)  # [T*k, H], rows grouped by expert
         w = top_k_weights.reshape(-1)[order]
         renorm = (top_k_weights / top_k_weights.sum(dim=-1, keepdim=True).clamp(min=1e-20)).reshape(-1)[order]
-        keep = mask[tok]
-        self.acc.update(sorted_e[keep], y[keep], w[keep].float(), renorm[keep].float())
+        norms = torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32)
+        peaks = y.abs().amax(dim=-1).float() if y.numel() else norms
+        self.acc.update_rows(sorted_e, norms, peaks, w.float(), renorm.float(),
+                             None if self.token_mask is None else mask[tok])
         self.acc.tokens += int(mask.sum())
-        out = torch.zeros_like(hidden)
-        out.index_add_(0, tok, (y * w[:, None].to(y.dtype)).to(out.dtype))
-        return out
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        weighted = (y * w[:, None].to(y.dtype))[inverse]
+        return weighted.view(t, k, -1).sum(dim=1).to(hidden.dtype)
+
+    def _routed_outputs(self, x: torch.Tensor, sorted_e: torch.Tensor) -> torch.Tensor:
+        """x [R, H] token rows sorted by expert (sorted_e [R]) -> each row's expert output [R, H]."""
+        w, n = self.layer.experts, self.layer.n_experts
+        counts = torch.bincount(sorted_e, minlength=n)
+        if self._grouped is not False and x.shape[0] > 0 and x.device.type != "cpu":
+            try:
+                y = grouped_expert_forward(w, x, sorted_e, torch.cumsum(counts, 0, dtype=torch.int32),
+                                           self.layer.activation)
+                self._grouped = True
+                return y
+            except (RuntimeError, NotImplementedError):
+                if self._grouped:  # worked before on this layer: a real error
+                    raise
+                self._grouped = False
+        y = x.new_empty(x.shape)
+        start = 0
+        for e, c in enumerate(counts.tolist()):
+            if c:
+                y[start:start + c] = expert_forward(w, e, x[start:start + c], self.layer.activation)
+                start += c
+        return y
+
+
+def _grouped_mm_fn():
+    return getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def grouped_expert_forward(w: ExpertWeights, x: torch.Tensor, sorted_e: torch.Tensor, offsets: torch.Tensor,
+                           act) -> torch.Tensor:
+    """Every row of x [R, H] through its expert, rows grouped by expert (sorted_e [R]; offsets [E] int32 =
+    cumulative row counts) -> [R, H], as one grouped matrix product per projection.
+
+    Raises RuntimeError/NotImplementedError where this torch has no grouped_mm for these tensors (the caller
+    falls back to one product per expert)."""
+    mm = _grouped_mm_fn()
+    if mm is None:
+        raise NotImplementedError("this torch has no grouped_mm")
+    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 0):
+        raise NotImplementedError("grouped_mm needs compute capability 8.0")
+
+    def linear(inp, weight, bias):  # weight [E, out, in]
+        out = mm(inp, weight.transpose(1, 2), offs=offsets)
+        return out if bias is None else out + bias[sorted_e]
+
+    g = linear(x, w.gate, w.gate_bias)
+    u = linear(x, w.up, w.up_bias)
+    return linear(act(g, u), w.down, w.down_bias)

@@ -13,6 +13,10 @@ embeddings and mask construction only, and works for any architecture whose laye
 Modes: ``oneshot`` (default) feeds layer i+1 with the outputs of the ORIGINAL layer i; ``sequential`` feeds it
 with the outputs of layer i after the callback changed it (compressed), so later decisions see earlier
 compression.
+
+Where the weights come from is a `LayerSource`: by default the model's own (in-memory) layers, moved to the
+device and back; `moe_compress.models.lazy.LazyCheckpoint` instead reads each decoder layer from the safetensors
+shards just before it runs and drops it afterwards, so the whole model never has to fit in memory.
 """
 
 from __future__ import annotations
@@ -41,8 +45,15 @@ class LayerRun:
     moe_inputs: torch.Tensor | None
 
 
-class _Stop(Exception):
-    pass
+class LayerSource:
+    """Brings decoder layer ``index`` to ``device`` before it runs and puts it away afterwards (in memory: move
+    it back to ``offload_device``)."""
+
+    def load(self, index: int, layer: torch.nn.Module, device) -> None:
+        layer.to(device)
+
+    def release(self, index: int, layer: torch.nn.Module, offload_device) -> None:
+        layer.to(offload_device)
 
 
 class _Recorder(torch.nn.Module):
@@ -100,6 +111,8 @@ def run_layers(
     stats: tuple[str, ...] | list[str] = (),
     observer_options: dict | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    domains: torch.Tensor | None = None,
+    layer_source: LayerSource | None = None,
 ) -> list[torch.Tensor]:
     """Run the calibration set through the decoder layers one at a time.
 
@@ -110,8 +123,12 @@ def run_layers(
         keep_moe_inputs: also hand the callback the MoE block's inputs of the real tokens [T, H] (for methods
             that reconstruct layer outputs).
         stats: statistics wanted beyond the routed ones (installs their `LayerObserver` plug-ins);
-            observer_options: keyword options passed to those plug-ins.
-        progress: called as progress(stage, done, total).
+            observer_options: keyword options passed to those plug-ins (the runner adds ``total_tokens``, the
+            number of real calibration tokens, for plug-ins that subsample).
+        progress: called as progress(stage, done, total) with stage "layers" (once per layer) and "batches"
+            (done = 1..total within each pass over the batches of a layer).
+        domains: [N] int64 domain id of each row, or None: observers see per-token ids as ``token_domain``.
+        layer_source: where layer weights come from (default: the model's layers, moved to ``device``).
 
     Returns:
         the final hidden states per batch ([B, L, H] each, before the final norm), on ``offload_device``.
@@ -125,20 +142,26 @@ def run_layers(
          else attention_mask[s:s + batch_size].reshape(-1).bool())
         for h, s in zip(hidden, range(0, n_rows, batch_size))
     ]
+    token_domains = [None] * len(hidden) if domains is None else [
+        domains[s:s + batch_size].to(torch.long).repeat_interleave(h.shape[1])
+        for h, s in zip(hidden, range(0, n_rows, batch_size))
+    ]
+    options = {**(observer_options or {}), "total_tokens": int(sum(int(m.sum()) for m in token_masks))}
+    source = layer_source or LayerSource()
     moe_blocks = adapter.moe_blocks(model)
     layers = adapter.decoder_layers(model)
     for i, layer in enumerate(layers):
-        layer.to(device)
-        observer, capture = None, None
+        observer = capture = view = extra = run = None  # drop the previous layer's views before loading
+        source.load(i, layer, device)
         if i in moe_blocks:
             view = adapter.layer(model, i, moe_blocks[i])
-            extra = make_observers(view, stats, **(observer_options or {}))
+            extra = make_observers(view, stats, **options)
             if keep_moe_inputs:
                 capture = InputCapture(view, offload_device=offload_device)
                 extra.append(capture)
             observer = ObservedExperts(view, extra).install()
         outputs = _forward_batches(layer, hidden, per_layer_inputs[i], token_masks, observer, device,
-                                   offload_device)
+                                   offload_device, token_domains, progress)
         if observer is not None:
             observer.remove()
         changed = False
@@ -147,22 +170,27 @@ def run_layers(
             changed = bool(on_layer(run))
         if changed and mode == "sequential":
             outputs = _forward_batches(layer, hidden, per_layer_inputs[i], token_masks, None, device,
-                                       offload_device)
+                                       offload_device, token_domains, progress)
         hidden = outputs
-        layer.to(offload_device)
+        source.release(i, layer, offload_device)
         per_layer_inputs[i] = []
         if progress:
             progress("layers", i + 1, len(layers))
     return hidden
 
 
-def _forward_batches(layer, hidden, calls, token_masks, observer, device, offload_device) -> list[torch.Tensor]:
+def _forward_batches(layer, hidden, calls, token_masks, observer, device, offload_device, token_domains=None,
+                     progress=None) -> list[torch.Tensor]:
     outs = []
+    token_domains = token_domains or [None] * len(hidden)
     with torch.inference_mode():
-        for h, (args, kwargs), mask in zip(hidden, calls, token_masks):
+        for b, (h, (args, kwargs), mask, dom) in enumerate(zip(hidden, calls, token_masks, token_domains)):
             if observer is not None:
                 observer.token_mask = mask.to(device)
+                observer.token_domain = None if dom is None else dom.to(device)
             out = layer(h.to(device), *args, **kwargs)
             out = out[0] if isinstance(out, tuple) else out
             outs.append(out.detach().to(offload_device))
+            if progress:
+                progress("batches", b + 1, len(hidden))
     return outs
