@@ -1,0 +1,73 @@
+"""Sub-MoE (arXiv 2506.23266): output-similarity K-means + joint-SVD subspace merge with frequency-weighted V.
+
+Expert similarity = mean cosine of two experts' outputs over calibration tokens; K-means (k-means++, seeded) on
+the similarity rows groups the experts; per group and projection, the SVD of the members' weights concatenated
+along the input axis shares the output-side basis U, and the expert-specific V_i are merged with the
+frequencies: W_g = U_r Sigma_r (sum_i f_i V_i)_r^T = P_r sum_i f_i W_i (see `merge.py`). Switches:
+``similarity`` (output | router | weight | output_mean), ``clustering`` (kmeans | hierarchical | dominant),
+``rank_ratio`` (< 1 truncates), ``whiten`` (Sub-MoE-dagger: SVD-LLM whitening by the group's calibration
+second moments; only matters with truncation), ``align``, ``router``, ``weighting``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from moe_compress.errors import UserError
+from moe_compress.methods.base import register
+from moe_compress.methods.merging.base import MergeMethod, MergeParams, similarity_signal
+from moe_compress.methods.merging.grouping import group_experts
+from moe_compress.methods.merging.merge import submoe_merge
+
+
+def group_tokens(layer, x: torch.Tensor, groups: list[list[int]]) -> list[torch.Tensor]:
+    """Per group, the tokens of x [T, H] whose original top-k holds a member (all tokens if there are none)."""
+    idx, _ = layer.route(x.to(layer.router_weight.device))
+    hit = torch.zeros(x.shape[0], layer.n_experts, dtype=torch.bool, device=idx.device)
+    hit.scatter_(1, idx, True)
+    out = []
+    for g in groups:
+        rows = hit[:, g].any(dim=1).to(x.device)
+        out.append(x[rows] if bool(rows.any()) else x)
+    return out
+
+
+@register
+class SubMoE(MergeMethod):
+    name = "submoe"
+    summary = ("Sub-MoE: output-similarity K-means, joint-SVD subspace merge with frequency-weighted V "
+               "(optional whitening, rank truncation, alignment)")
+
+    class Params(MergeParams):
+        similarity: Literal["output", "router", "weight", "output_mean"] = "output"
+        clustering: Literal["kmeans", "hierarchical", "dominant"] = "kmeans"
+        linkage: Literal["average", "single", "complete"] = "average"
+        whiten: bool = False
+        rank_ratio: float = Field(1.0, gt=0.0, le=1.0)
+        gram_dtype: Literal["float64", "float32"] = "float64"
+
+    def group(self, ctx, freq, x):
+        p = self.params
+        signal = similarity_signal(p.similarity, ctx, x)
+        groups = group_experts(signal, ctx.n_experts, p.clustering, n_group=ctx.layer.rule.n_group, freq=freq,
+                               generator=ctx.generator, linkage=p.linkage, n_init=p.n_init)
+        info = {"similarity": p.similarity, "clustering": p.clustering}
+        if p.clustering == "hierarchical":
+            info["linkage"] = p.linkage
+        return groups, info
+
+    def merge_experts(self, ctx, w, groups, weights, x):
+        p = self.params
+        inputs = None
+        if p.whiten and p.rank_ratio < 1.0:
+            if x is None or x.shape[0] == 0:
+                raise UserError("submoe whiten=true needs calibration inputs (--calib)")
+            inputs = group_tokens(ctx.layer, x, groups)
+        merged, info = submoe_merge(w, groups, weights, rank_ratio=p.rank_ratio, whiten=inputs is not None,
+                                    group_inputs=inputs, activation=ctx.layer.activation,
+                                    gram_dtype=getattr(torch, p.gram_dtype))
+        info["rank_ratio"] = p.rank_ratio
+        return merged, info
