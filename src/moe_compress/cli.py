@@ -38,6 +38,8 @@ def progress_bar(enabled: bool = True) -> Iterator:
         def update(stage: str, done: int, total: int) -> None:
             if stage not in tasks:
                 tasks[stage] = bar.add_task(stage, total=total)
+            elif done < bar.tasks[tasks[stage]].completed:  # a new pass (e.g. the batches of the next layer)
+                bar.reset(tasks[stage], total=total)
             bar.update(tasks[stage], completed=done, total=total)
 
         yield update
@@ -64,6 +66,8 @@ def compress(
     chat_template: bool = typer.Option(False, "--chat-template", help="wrap calibration text in the chat template"),
     mode: Optional[str] = typer.Option(None, "--mode", help="oneshot | sequential"),
     param: list[str] = typer.Option([], "--param", "-p", help="method parameter key=value (repeatable)"),
+    no_protect_super: bool = typer.Option(False, "--no-protect-super",
+                                          help="allow pruning super experts (= --param protect_super=false)"),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="output folder (must not exist)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda[:N]"),
@@ -91,6 +95,8 @@ def compress(
         data = {k: v for k, v in data.items() if k not in ("experts", "ratio")}
         overrides += [(k, v) for k, v in (("experts", experts), ("ratio", ratio)) if v is not None]
     overrides += [(f"params.{k}", v) for k, v in _method_params(param).items()]
+    if no_protect_super:
+        overrides.append(("params.protect_super", False))
     for key, label in (("model", "MODEL"), ("method", "--method"), ("output", "--out")):
         if not (data.get(key) or flags[key]):
             raise UserError(f"missing {label} (give it on the command line or in --recipe)")
@@ -103,6 +109,51 @@ def compress(
     e = result.manifest["experts"]
     out_console.print(f"wrote {r.output}: {r.method}, {e['original']} -> {e['kept']} experts per layer "
                       f"({sum(result.timings.values()):.1f} s)")
+
+
+@app.command()
+def analyze(
+    model: Optional[str] = typer.Argument(None, help="checkpoint folder, builtin:NAME or hub id"),
+    calib: Optional[str] = typer.Option(None, "--calib", help="calibration SPEC: file/folder, builtin:demo, hf:NAME"),
+    n_samples: int = typer.Option(128, "--n-samples", min=1),
+    seq_len: int = typer.Option(512, "--seq-len", min=2),
+    seed: int = typer.Option(0, "--seed"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    per_document: bool = typer.Option(False, "--per-document", help="one document per sequence (no packing)"),
+    chat_template: bool = typer.Option(False, "--chat-template", help="wrap calibration text in the chat template"),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="output folder (must not exist)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16 | auto"),
+    similarity_tokens: int = typer.Option(2048, "--similarity-tokens",
+                                          help="tokens per layer on which every expert runs (output similarity)"),
+    input_moments: bool = typer.Option(False, "--input-moments", help="also per-expert input second moments "
+                                       "(E x H x H floats per layer)"),
+    full_load: bool = typer.Option(False, "--full-load", help="load the whole model instead of layer by layer"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="statistics cache (default "
+                                             "~/.cache/moe-compress/stats)"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="neither read nor write the statistics cache"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+) -> None:
+    """Expert statistics of MODEL on calibration data: stats files, plots and a markdown report."""
+    from moe_compress.analysis import analyze as run_analyze
+
+    if not model:
+        raise UserError("missing MODEL (a checkpoint folder, builtin:NAME or hub id)")
+    if not out:
+        raise UserError("missing --out (the folder to write the statistics, plots and report to)")
+    if dtype not in ("float32", "bfloat16", "float16", "auto"):
+        raise UserError(f"--dtype must be float32, bfloat16, float16 or auto, not {dtype!r}")
+    with progress_bar(not quiet) as progress:
+        result = run_analyze(model, calib, out, n_samples=n_samples, seq_len=seq_len, seed=seed,
+                             batch_size=batch_size, packing=not per_document, chat_template=chat_template,
+                             device=device, dtype=dtype, similarity_tokens=similarity_tokens,
+                             input_moments=input_moments, lazy=False if full_load else None, cache_dir=cache_dir,
+                             use_cache=not no_cache, overwrite=overwrite, trust_remote_code=trust_remote_code,
+                             progress=progress)
+    cached = " (statistics from the cache)" if result.stats.meta.get("cached") else ""
+    out_console.print(f"wrote {result.out}: {', '.join(result.files)}{cached}")
 
 
 @app.command("methods")
@@ -120,6 +171,119 @@ def methods_cmd(names: bool = typer.Option(False, "--names", help="print only th
         d = cls.describe()
         table.add_row(d["name"], d["kind"], d["summary"], ", ".join(f"{k}={v}" for k, v in d["params"].items()))
     out_console.print(table)
+
+
+def _split(items: str | None) -> list[str]:
+    return [x.strip() for x in (items or "").split(",") if x.strip()]
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="checkpoint folder, builtin:NAME or hub id"),
+    reference: Optional[str] = typer.Option(None, "--reference", help="the original model: adds ppl ratio, KL, top-1"),
+    data: Optional[str] = typer.Option(None, "--data", help="text SPEC (file/folder/builtin:/hf:); domain-tagged "
+                                       "data gives per-domain results"),
+    metrics: Optional[str] = typer.Option(None, "--metrics", help="ppl,kld,top1 (default: all that apply; "
+                                          "kld/top1 need --reference)"),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="lm-eval tasks, e.g. arc_easy,piqa (local task "
+                                        "files are used offline)"),
+    tasks_dir: Optional[Path] = typer.Option(None, "--tasks-dir", help="folder of local task .jsonl files"),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="at most this many items per task"),
+    seq_len: int = typer.Option(512, "--seq-len", min=2, help="perplexity window length"),
+    max_windows: Optional[int] = typer.Option(None, "--max-windows", min=1, help="at most this many windows per domain"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    generate: int = typer.Option(0, "--generate", min=0, help="greedy continuations of this many prompts, side by side"),
+    device: str = typer.Option("auto", "--device"),
+    dtype: str = typer.Option("float32", "--dtype"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the results as JSON"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Evaluate MODEL: perplexity (WikiText-2 protocol, per domain), KL divergence and top-1 agreement against
+    --reference in one streaming pass, lm-eval tasks, and greedy generations side by side."""
+    import json
+
+    from moe_compress.evaluation.api import evaluate_model
+
+    wanted = set(_split(metrics)) if metrics else {"ppl", "kld", "top1"}
+    if wanted - {"ppl", "kld", "top1"}:
+        raise UserError(f"--metrics: unknown {', '.join(sorted(wanted - {'ppl', 'kld', 'top1'}))} (ppl, kld, top1)")
+    if metrics and wanted & {"kld", "top1"} and reference is None:
+        raise UserError("--metrics kld/top1 compare with the original model: pass --reference MODEL")
+    if data is None and not tasks:
+        raise UserError("nothing to evaluate: pass --data SPEC and/or --tasks T,...")
+    with progress_bar(not quiet) as progress:
+        result = evaluate_model(model, reference=reference if wanted & {"kld", "top1"} else None, data=data, tasks=_split(tasks), tasks_dir=tasks_dir,
+                                limit=limit, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size,
+                                generate=generate, device=device, dtype=dtype, progress=progress)
+    out_console.print(result.table())
+    if json_out:
+        json_out.write_text(json.dumps(result.data, indent=2) + "\n")
+
+
+@app.command()
+def bench(
+    model: str = typer.Argument(..., help="checkpoint folder, builtin:NAME or hub id"),
+    methods: str = typer.Option(..., "--methods", help="comma list; variants as NAME[key=value,...]"),
+    experts: str = typer.Option(..., "--experts", help="comma list of experts kept per layer, e.g. 6,4"),
+    calib: str = typer.Option(..., "--calib", help="calibration SPEC"),
+    n_samples: int = typer.Option(128, "--n-samples", min=1),
+    seq_len: int = typer.Option(512, "--seq-len", min=2),
+    data: str = typer.Option(..., "--data", help="evaluation text SPEC (domain-tagged for per-domain results)"),
+    eval_seq_len: int = typer.Option(512, "--eval-seq-len", min=2),
+    max_windows: Optional[int] = typer.Option(None, "--max-windows", min=1, help="evaluation windows per domain"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device"),
+    save_models: bool = typer.Option(False, "--save-models", help="also keep every compressed checkpoint"),
+    out: str = typer.Option(..., "--out", "-o"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Every method x budget from one statistics pass, each evaluated against the original: results.csv,
+    results.md, plots, timings."""
+    from moe_compress.benchmark import BenchSpec, parse_variants, run_bench
+    from moe_compress.recipe import Calibration
+    from moe_compress.report.bench import markdown_table
+
+    try:
+        budgets = [int(x) for x in _split(experts)]
+    except ValueError:
+        raise UserError(f"--experts must be a comma list of integers, got {experts!r}") from None
+    spec = BenchSpec(model=model, variants=parse_variants(methods), budgets=budgets,
+                     calibration=Calibration(data=calib, n_samples=n_samples, seq_len=seq_len, seed=seed,
+                                             batch_size=batch_size),
+                     eval_data=data, eval_seq_len=eval_seq_len, max_windows=max_windows, eval_batch_size=batch_size,
+                     device=device, seed=seed, save_models=save_models)
+    with progress_bar(not quiet) as progress:
+        rows = run_bench(spec, out, overwrite=overwrite, progress=progress)
+    out_console.print(markdown_table(rows), markup=False)
+    out_console.print(f"wrote {out}/results.md, results.csv, plots", markup=False)
+
+
+@app.command()
+def demo(
+    out: str = typer.Option("demo-out", "--out", "-o"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Compress the bundled testbed (builtin:mixtral-8e) 8 -> 6 and 8 -> 4 experts with the best available
+    methods, evaluate against the original and print the comparison (a few minutes on a laptop CPU)."""
+    from moe_compress.demo import run_demo
+    from moe_compress.report.bench import markdown_table
+
+    with progress_bar(not quiet) as progress:
+        rows = run_demo(out, overwrite=overwrite, progress=progress)
+    out_console.print(markdown_table(rows), markup=False)
+    out_console.print(f"wrote {out}/results.md and plots", markup=False)
+
+
+def _mount_testbed() -> None:
+    from moe_compress.testbed.cli import app as testbed_app
+
+    app.add_typer(testbed_app, name="testbed")
+
+
+_mount_testbed()
 
 
 def _log_traceback() -> Path:
