@@ -144,10 +144,22 @@ def test_builtin(tmp_path, monkeypatch, tokenizer):
         read_documents("builtin:nope")
 
 
-def test_shipped_builtin_demo_reads():
-    if "demo" not in data.builtin_names():
-        pytest.skip("builtin:demo not shipped")
-    assert read_documents("builtin:demo")
+def test_shipped_samples_feed_the_demo_in_full():
+    """builtin:demo gives every calibration row the demo asks for; builtin:demo-eval every window, per domain."""
+    from moe_compress.calibration.data import evaluation_windows
+    from moe_compress.demo import demo_spec
+    from moe_compress.models.loading import load_tokenizer
+    from moe_compress.testbed.sample import PROMPTS
+
+    spec = demo_spec()
+    tok = load_tokenizer(spec.model)
+    cal = build_calibration(spec.calibration.data, tok, n_samples=spec.calibration.n_samples,
+                            seq_len=spec.calibration.seq_len, seed=spec.calibration.seed)
+    assert cal.input_ids.shape == (spec.calibration.n_samples, spec.calibration.seq_len)
+    assert sorted(set(cal.domains)) == sorted(PROMPTS)
+    windows = evaluation_windows(read_documents("builtin:demo-eval"), tok, spec.eval_seq_len)
+    assert sorted(windows) == sorted(PROMPTS)
+    assert min(len(w) for w in windows.values()) >= spec.max_windows
 
 
 # -- calibration sets ---------------------------------------------------------------------------------------

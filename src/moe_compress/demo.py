@@ -14,7 +14,8 @@ from moe_compress.recipe import Calibration
 
 DEMO_MODEL = "builtin:mixtral-8e"
 DEMO_METHODS = "frequency,reap,hcsmoe,submoe"
-SHARED_EVAL = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "eval"
+SHARED_EVAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "eval"
+"""The held-out corpus beside a checkout (``src/moe_compress/demo.py`` -> ``../shared/data/eval``)."""
 
 
 def demo_spec() -> BenchSpec:
@@ -26,7 +27,7 @@ def demo_spec() -> BenchSpec:
         calibration=Calibration(data="builtin:demo", n_samples=32, seq_len=256, seed=0, batch_size=8),
         eval_data=eval_data,
         eval_seq_len=256,
-        max_windows=8,
+        max_windows=6,
         eval_batch_size=8,
         device="cpu",
     )

@@ -73,6 +73,26 @@ def train(
                            "perplexity": record["eval"]["perplexity"]}, indent=1))
 
 
+@app.command()
+def sample(
+    out: Path = typer.Option(..., help="Output .jsonl file ({text, domain} records)."),
+    model: str = typer.Option("builtin:mixtral-8e", help="Model that writes the text (folder or builtin:NAME)."),
+    docs_per_prompt: int = typer.Option(2, min=1, help="Sampled documents per domain prompt."),
+    max_new_tokens: int = typer.Option(400, min=1, help="Tokens sampled per document."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+) -> None:
+    """Sample domain-tagged text from a testbed (how builtin:demo and builtin:demo-eval were made)."""
+    from transformers import AutoTokenizer
+
+    from moe_compress.models.loading import load_model, resolve_model
+    from moe_compress.testbed.sample import sample_documents, write_jsonl
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
+    records = sample_documents(load_model(model), tokenizer, docs_per_prompt, max_new_tokens, seed)
+    write_jsonl(records, out)
+    typer.echo(f"wrote {len(records)} documents to {out}")
+
+
 @app.callback()
 def _main() -> None:
     """Testbed commands."""
