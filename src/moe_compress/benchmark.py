@@ -99,24 +99,70 @@ def _eval_windows(spec: BenchSpec, tokenizer) -> dict[str, torch.Tensor]:
     return windows
 
 
-def run_bench(spec: BenchSpec, out: str | Path, overwrite: bool = False, progress: Progress | None = None) -> list[dict]:
-    """Run the benchmark and write results.csv, results.md, results.json and plots into ``out``."""
-    from moe_compress.calibration.data import build_calibration
-    from moe_compress.evaluation.metrics import evaluate_lm, parameter_counts
+def resolve_budgets(n_experts: int, experts: list[int] | None = None, ratios: list[float] | None = None) -> list[int]:
+    """Experts kept per layer, from explicit counts or from fractions of the ``n_experts`` routed experts removed."""
+    if (experts is None) == (ratios is None):
+        raise UserError("give exactly one budget list: --experts (kept per layer) or --ratio (fraction removed)")
+    if ratios is not None:
+        bad = [r for r in ratios if not 0 < r < 1]
+        if bad:
+            raise UserError(f"--ratio values must lie strictly between 0 and 1, got {bad[0]}")
+        return [max(1, round(n_experts * (1.0 - r))) for r in ratios]
+    return list(experts)
 
-    check_output_dir(out, overwrite)
-    methods: list[tuple[Variant, Method]] = [(v, get_method(v.name, **v.params)) for v in spec.variants]
+
+def check_bench(spec: BenchSpec) -> list[tuple[Variant, Method]]:
+    """Validate methods and budgets from the config alone (before any weights are read); the methods."""
+    methods = [(v, get_method(v.name, **v.params)) for v in spec.variants]
     adapter = get_adapter(load_config(spec.model))
     n_orig = adapter.n_experts()
     for n in spec.budgets:
         if n >= n_orig:
-            raise UserError(f"budget {n} must be smaller than the model's {n_orig} experts per layer")
+            raise UserError(f"{spec.model}: budget {n} must be smaller than the model's {n_orig} experts per layer")
         check_expert_count(adapter, n)
+    return methods
+
+
+def run_bench(spec: BenchSpec, out: str | Path, overwrite: bool = False, progress: Progress | None = None) -> list[dict]:
+    """Run the benchmark and write results.csv, results.md, results.json and plots into ``out``."""
+    check_output_dir(out, overwrite)
+    methods = check_bench(spec)
+    with atomic_output_dir(out, overwrite) as tmp:
+        return _run_into(spec, methods, tmp, progress)
+
+
+def run_benches(specs: list[BenchSpec], out: str | Path, overwrite: bool = False,
+                progress: Progress | None = None) -> dict[str, list[dict]]:
+    """Several models, each into ``out/<model>/`` as `run_bench` writes it, plus ``out/results.md`` joining them.
+
+    Every model's methods and budgets are checked before the first one runs.
+    """
+    check_output_dir(out, overwrite)
+    checked = [(spec, check_bench(spec)) for spec in specs]
+    names = [_slug(spec.model.rstrip("/").split(":")[-1].split("/")[-1]) for spec in specs]
+    if len(set(names)) != len(names):
+        raise UserError(f"two models would share a results folder name: {', '.join(names)}")
+    results = {}
+    with atomic_output_dir(out, overwrite) as tmp:
+        for name, (spec, methods) in zip(names, checked):
+            (tmp / name).mkdir()
+            results[spec.model] = _run_into(spec, methods, tmp / name, progress)
+        parts = [(tmp / n / "results.md").read_text().replace("](", f"]({n}/") for n in names]
+        (tmp / "results.md").write_text("\n".join(parts))
+    return results
+
+
+def _run_into(spec: BenchSpec, methods: list[tuple[Variant, Method]], folder: Path,
+              progress: Progress | None) -> list[dict]:
+    from moe_compress.calibration.data import build_calibration
+    from moe_compress.evaluation.metrics import evaluate_lm, parameter_counts
+
     device = pick_device(spec.device)
     t0 = time.perf_counter()
     original = load_model(spec.model)
     tokenizer = load_tokenizer(spec.model)
     adapter = get_adapter(original)
+    n_orig = adapter.n_experts()
     c = spec.calibration
     calib = build_calibration(c.data, tokenizer, n_samples=c.n_samples, seq_len=c.seq_len, seed=c.seed,
                               packing=c.packing, chat_template=c.chat_template)
@@ -149,32 +195,31 @@ def run_bench(spec: BenchSpec, out: str | Path, overwrite: bool = False, progres
 
     rows: list[dict] = []
     total = len(methods) * len(spec.budgets)
-    with atomic_output_dir(out, overwrite) as tmp:
-        for n_new in spec.budgets:
-            for variant, method in methods:
-                model = copy.deepcopy(original).to("cpu")
-                applier = MethodApplier(method, get_adapter(model), model, n_new, spec.seed)
-                for i in applier.blocks:
-                    applier.apply(i, layer_stats.get(i), layer_inputs.get(i))
-                applier.finish()
-                export_s = _timed_export(model, tmp / "checkpoints" / f"{_slug(variant.label)}-{n_new}e"
-                                         if spec.save_models else None)
-                model.to(device)
-                t2 = time.perf_counter()
-                res = evaluate_lm(model, windows, reference=original, batch_size=spec.eval_batch_size).to_dict()
-                eval_s = time.perf_counter() - t2
-                rows.append(_row(variant, method, n_orig, n_new, res, parameter_counts(model), params_orig,
-                                 {"statistics": stats_s, **applier.timings, "export": export_s, "eval": eval_s}))
-                del model
-                if progress:
-                    progress("methods", len(rows), total)
-        meta = {"model": spec.model, "calibration": json.loads(c.model_dump_json()), "calibration_sha256": calib.sha256,
-                "eval_data": spec.eval_data, "eval_seq_len": spec.eval_seq_len, "max_windows": spec.max_windows,
-                "eval_tokens": {d: int(w.shape[0] * (w.shape[1] - 1)) for d, w in windows.items()},
-                "budgets": spec.budgets, "methods": [v.label for v in spec.variants], "seed": spec.seed,
-                "device": device, "load_s": round(load_s, 3), "statistics_s": round(stats_s, 3),
-                "torch": torch.__version__}
-        write_results(tmp, rows, meta)
+    for n_new in spec.budgets:
+        for variant, method in methods:
+            model = copy.deepcopy(original).to("cpu")
+            applier = MethodApplier(method, get_adapter(model), model, n_new, spec.seed)
+            for i in applier.blocks:
+                applier.apply(i, layer_stats.get(i), layer_inputs.get(i))
+            applier.finish()
+            export_s = _timed_export(model, folder / "checkpoints" / f"{_slug(variant.label)}-{n_new}e"
+                                     if spec.save_models else None)
+            model.to(device)
+            t2 = time.perf_counter()
+            res = evaluate_lm(model, windows, reference=original, batch_size=spec.eval_batch_size).to_dict()
+            eval_s = time.perf_counter() - t2
+            rows.append(_row(variant, method, n_orig, n_new, res, parameter_counts(model), params_orig,
+                             {"statistics": stats_s, **applier.timings, "export": export_s, "eval": eval_s}))
+            del model
+            if progress:
+                progress("methods", len(rows), total)
+    meta = {"model": spec.model, "calibration": json.loads(c.model_dump_json()), "calibration_sha256": calib.sha256,
+            "eval_data": spec.eval_data, "eval_seq_len": spec.eval_seq_len, "max_windows": spec.max_windows,
+            "eval_tokens": {d: int(w.shape[0] * (w.shape[1] - 1)) for d, w in windows.items()},
+            "budgets": spec.budgets, "methods": [v.label for v in spec.variants], "seed": spec.seed,
+            "device": device, "load_s": round(load_s, 3), "statistics_s": round(stats_s, 3),
+            "torch": torch.__version__}
+    write_results(folder, rows, meta)
     return rows
 
 

@@ -13,6 +13,7 @@ from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -32,23 +33,31 @@ def progress_bar(enabled: bool = True) -> Iterator:
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("eta"), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as bar:
-        tasks: dict[str, int] = {}
+    bar = Progress(*columns, console=console, transient=False)
+    tasks: dict[str, int] = {}
 
-        def update(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            elif done < bar.tasks[tasks[stage]].completed:  # a new pass (e.g. the batches of the next layer)
-                bar.reset(tasks[stage], total=total)
-            bar.update(tasks[stage], completed=done, total=total)
+    def update(stage: str, done: int, total: int) -> None:
+        if not tasks:  # started on the first update, so that an early error prints no empty progress line
+            bar.start()
+        if stage not in tasks:
+            if not console.is_terminal:  # a log file sees no live bars: say at least which stage is running
+                console.print(f"{stage} ...", highlight=False)
+            tasks[stage] = bar.add_task(stage, total=total)
+        elif done < bar.tasks[tasks[stage]].completed:  # a new pass (e.g. the batches of the next layer)
+            bar.reset(tasks[stage], total=total)
+        bar.update(tasks[stage], completed=done, total=total)
 
+    try:
         yield update
+    finally:
+        if tasks:
+            bar.stop()
 
 
 def _method_params(items: list[str]) -> dict:
     from moe_compress.recipe import parse_overrides
 
-    return dict(parse_overrides(items))
+    return dict(parse_overrides(items, flag="--param"))
 
 
 @app.command()
@@ -77,6 +86,10 @@ def compress(
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and write nothing"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+    max_gpu_memory: Optional[str] = typer.Option(None, "--max-gpu-memory",
+                                                 help="stream layer by layer within this GPU memory, e.g. 20GiB"),
+    stream: bool = typer.Option(False, "--stream", help="stream layer by layer (resumable; implied by "
+                                "--max-gpu-memory and by torchrun)"),
 ) -> None:
     """Compress MODEL's experts with one method and write a smaller standard checkpoint."""
     from moe_compress.pipeline import compress as run_compress
@@ -91,6 +104,9 @@ def compress(
              "calibration.chat_template": True if chat_template else None,
              "overwrite": True if overwrite else None, "trust_remote_code": True if trust_remote_code else None}
     overrides = [(k, v) for k, v in flags.items() if v is not None]
+    if experts is not None and ratio is not None:
+        raise UserError("give one budget: --experts N (experts kept per layer) or --ratio R (fraction of experts "
+                        "removed), not both")
     if experts is not None or ratio is not None:  # a budget flag replaces the recipe's budget
         data = {k: v for k, v in data.items() if k not in ("experts", "ratio")}
         overrides += [(k, v) for k, v in (("experts", experts), ("ratio", ratio)) if v is not None]
@@ -102,13 +118,39 @@ def compress(
             raise UserError(f"missing {label} (give it on the command line or in --recipe)")
     r = build_recipe(data, overrides + parse_overrides(set_))
     if dry_run:
-        out_console.print(describe_plan(r))
+        out_console.print(describe_plan(r), markup=False, highlight=False, soft_wrap=True)
+        return
+    if stream or max_gpu_memory is not None or _launched_by_torchrun():
+        _compress_streaming(r, max_gpu_memory, quiet)
         return
     with progress_bar(not quiet) as progress:
         result = run_compress(r, progress=progress)
     e = result.manifest["experts"]
     out_console.print(f"wrote {r.output}: {r.method}, {e['original']} -> {e['kept']} experts per layer "
                       f"({sum(result.timings.values()):.1f} s)")
+
+
+def _launched_by_torchrun() -> bool:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _compress_streaming(r, max_gpu_memory: str | None, quiet: bool) -> None:
+    """`moe_compress.streaming`: layer by layer, resumable; under torchrun only rank 0 prints."""
+    import os
+
+    from moe_compress.streaming import compress_streaming
+
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    with progress_bar(not quiet and rank0) as progress:
+        res = compress_streaming(r, max_gpu_memory=max_gpu_memory, progress=progress,
+                                 log=console.print if rank0 and not quiet else None)
+    if rank0:
+        e = res.manifest["experts"]
+        out_console.print(f"wrote {r.output}: {r.method}, {e['original']} -> {e['kept']} experts per layer, "
+                          f"streamed on {res.world} process(es), calibration batch {res.memory.batch_size} "
+                          f"({sum(res.timings.values()):.1f} s)")
 
 
 @app.command()
@@ -196,6 +238,9 @@ def eval_cmd(
     device: str = typer.Option("auto", "--device"),
     dtype: str = typer.Option("float32", "--dtype"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the results as JSON"),
+    cost: bool = typer.Option(True, "--cost/--no-cost", help="inference cost vs. --reference: parameters, weight "
+                              "memory, forward tokens/s (median of --cost-runs passes of 1 x --seq-len tokens)"),
+    cost_runs: int = typer.Option(5, "--cost-runs", min=1, help="timed forward passes per model for tokens/s"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Evaluate MODEL: perplexity (WikiText-2 protocol, per domain), KL divergence and top-1 agreement against
@@ -211,20 +256,30 @@ def eval_cmd(
         raise UserError("--metrics kld/top1 compare with the original model: pass --reference MODEL")
     if data is None and not tasks:
         raise UserError("nothing to evaluate: pass --data SPEC and/or --tasks T,...")
+    if json_out is not None:  # checked before a long evaluation, not after it
+        if json_out.is_dir():
+            raise UserError(f"--json {json_out} is a folder; give a file name, e.g. {json_out / 'eval.json'}")
+        if not json_out.parent.is_dir():
+            raise UserError(f"--json {json_out}: folder {json_out.parent} does not exist; create it first")
     with progress_bar(not quiet) as progress:
-        result = evaluate_model(model, reference=reference if wanted & {"kld", "top1"} else None, data=data, tasks=_split(tasks), tasks_dir=tasks_dir,
+        result = evaluate_model(model, reference=reference, data=data, tasks=_split(tasks), tasks_dir=tasks_dir,
                                 limit=limit, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size,
-                                generate=generate, device=device, dtype=dtype, progress=progress)
+                                generate=generate, device=device, dtype=dtype, compare=bool(wanted & {"kld", "top1"}),
+                                cost=cost, cost_runs=cost_runs, progress=progress)
     out_console.print(result.table())
+    if result.cost_table() is not None:
+        out_console.print(result.cost_table())
     if json_out:
         json_out.write_text(json.dumps(result.data, indent=2) + "\n")
 
 
 @app.command()
 def bench(
-    model: str = typer.Argument(..., help="checkpoint folder, builtin:NAME or hub id"),
+    models: list[str] = typer.Argument(..., help="one or more checkpoint folders, builtin:NAME or hub ids"),
     methods: str = typer.Option(..., "--methods", help="comma list; variants as NAME[key=value,...]"),
-    experts: str = typer.Option(..., "--experts", help="comma list of experts kept per layer, e.g. 6,4"),
+    experts: Optional[str] = typer.Option(None, "--experts", help="comma list of experts kept per layer, e.g. 6,4"),
+    ratio: Optional[str] = typer.Option(None, "--ratio", help="comma list of fractions of routed experts removed, "
+                                        "e.g. 0.25,0.5 (per model: works across models of different sizes)"),
     calib: str = typer.Option(..., "--calib", help="calibration SPEC"),
     n_samples: int = typer.Option(128, "--n-samples", min=1),
     seq_len: int = typer.Option(512, "--seq-len", min=2),
@@ -239,24 +294,39 @@ def bench(
     overwrite: bool = typer.Option(False, "--overwrite"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """Every method x budget from one statistics pass, each evaluated against the original: results.csv,
-    results.md, plots, timings."""
-    from moe_compress.benchmark import BenchSpec, parse_variants, run_bench
+    """Every method x budget from one statistics pass per model, each evaluated against the original:
+    results.csv, results.md, plots, timings (several models: one sub-folder each and a joint results.md)."""
+    from moe_compress.benchmark import BenchSpec, parse_variants, resolve_budgets, run_bench, run_benches
+    from moe_compress.models.loading import load_config
+    from moe_compress.models.registry import get_adapter
     from moe_compress.recipe import Calibration
-    from moe_compress.report.bench import markdown_table
+    from moe_compress.report.bench import summary_table
 
-    try:
-        budgets = [int(x) for x in _split(experts)]
-    except ValueError:
-        raise UserError(f"--experts must be a comma list of integers, got {experts!r}") from None
-    spec = BenchSpec(model=model, variants=parse_variants(methods), budgets=budgets,
-                     calibration=Calibration(data=calib, n_samples=n_samples, seq_len=seq_len, seed=seed,
-                                             batch_size=batch_size),
-                     eval_data=data, eval_seq_len=eval_seq_len, max_windows=max_windows, eval_batch_size=batch_size,
-                     device=device, seed=seed, save_models=save_models)
+    def numbers(text: str | None, kind, flag: str):
+        if text is None:
+            return None
+        try:
+            return [kind(x) for x in _split(text)]
+        except ValueError:
+            raise UserError(f"{flag} must be a comma list of numbers, got {text!r}") from None
+
+    budgets_experts, budgets_ratio = numbers(experts, int, "--experts"), numbers(ratio, float, "--ratio")
+    variants = parse_variants(methods)
+    specs = [BenchSpec(model=m, variants=variants,
+                       budgets=resolve_budgets(get_adapter(load_config(m)).n_experts(), budgets_experts, budgets_ratio),
+                       calibration=Calibration(data=calib, n_samples=n_samples, seq_len=seq_len, seed=seed,
+                                               batch_size=batch_size),
+                       eval_data=data, eval_seq_len=eval_seq_len, max_windows=max_windows,
+                       eval_batch_size=batch_size, device=device, seed=seed, save_models=save_models)
+             for m in models]
     with progress_bar(not quiet) as progress:
-        rows = run_bench(spec, out, overwrite=overwrite, progress=progress)
-    out_console.print(markdown_table(rows), markup=False)
+        if len(specs) == 1:
+            results = {specs[0].model: run_bench(specs[0], out, overwrite=overwrite, progress=progress)}
+        else:
+            results = run_benches(specs, out, overwrite=overwrite, progress=progress)
+    for model, rows in results.items():
+        out_console.print(f"\n{model}", markup=False)
+        out_console.print(summary_table(rows), markup=False, soft_wrap=True)
     out_console.print(f"wrote {out}/results.md, results.csv, plots", markup=False)
 
 
@@ -269,11 +339,11 @@ def demo(
     """Compress the bundled testbed (builtin:mixtral-8e) 8 -> 6 and 8 -> 4 experts with the best available
     methods, evaluate against the original and print the comparison (a few minutes on a laptop CPU)."""
     from moe_compress.demo import run_demo
-    from moe_compress.report.bench import markdown_table
+    from moe_compress.report.bench import summary_table
 
     with progress_bar(not quiet) as progress:
         rows = run_demo(out, overwrite=overwrite, progress=progress)
-    out_console.print(markdown_table(rows), markup=False)
+    out_console.print(summary_table(rows), markup=False, soft_wrap=True)
     out_console.print(f"wrote {out}/results.md and plots", markup=False)
 
 
@@ -307,32 +377,62 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
-def main() -> None:
-    """Console entry point: maps errors to exit codes (2 = user mistake, 1 = internal error)."""
-    _quiet_libraries()
+def _click_exceptions() -> tuple[type, ...]:
+    """Usage-error classes: click's, and typer's vendored copy (typer >= 0.20 raises its own)."""
+    import click
+
+    classes: list[type] = [click.ClickException]
     try:
-        app(standalone_mode=False)
+        from typer._click.exceptions import ClickException as TyperClickException
+
+        classes.append(TyperClickException)
+    except ImportError:
+        pass
+    return tuple(classes)
+
+
+def _interrupted() -> None:
+    console.print("[bold red]interrupted:[/] the output folder was not written (it appears only when a run "
+                  "completes)",
+                  highlight=False, soft_wrap=True)
+    sys.exit(130)
+
+
+def main() -> None:
+    """Console entry point: maps errors to exit codes (2 = user mistake, 130 = interrupted, 1 = internal error)."""
+    from moe_compress.errors import is_disk_full
+
+    try:
+        _quiet_libraries()
+        code = app(standalone_mode=False)
     except UserError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        console.print("[bold red]interrupted:[/] nothing was written", highlight=False)
-        sys.exit(2)
+        _interrupted()
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:
         console.print("aborted")
         sys.exit(2)
-    except Exception as e:  # click usage errors have their own exit code
-        import click
-
-        if isinstance(e, click.ClickException):
+    except Exception as e:
+        if isinstance(e, _click_exceptions()):  # usage errors (bad option, missing argument): exit code 2
             e.show()
             sys.exit(e.exit_code)
+        if is_disk_full(e):
+            console.print(f"[bold red]error:[/] no space left on the device: {escape(str(e).splitlines()[0])}; free some "
+                          "space and run again", highlight=False, soft_wrap=True)
+            sys.exit(2)
         log = _log_traceback()
-        console.print(f"[bold red]internal error:[/] {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+        first = escape(str(e).splitlines()[0]) if str(e) else ""
+        console.print(f"[bold red]internal error:[/] {type(e).__name__}: {first} "
                       f"(traceback in {log}; please report it)", highlight=False, soft_wrap=True)
         sys.exit(1)
+    # In non-standalone mode typer turns Ctrl-C into a returned exit code 130 (and `typer.Exit(n)` into n).
+    if code == 130:
+        _interrupted()
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,22 @@ def markdown_table(rows: list[dict], budget: int | None = None) -> str:
     return "\n".join(lines)
 
 
+def summary_table(rows: list[dict]) -> str:
+    """The terminal view: overall numbers and the worst domain's perplexity ratio, one line per result."""
+    doms = domains_of(rows)
+    head = ["method", "experts", "params (M)", "ppl", "ppl ratio", "KL", "top-1"]
+    head += ["worst domain ppl ratio"] if doms else []
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["method"], r["experts"], _fmt(r["params_M"], 2), _fmt(r["ppl"], 3), _fmt(r["ppl_ratio"]),
+                 _kl(r["kld"]), _fmt(r["top1"])]
+        if doms:
+            worst = max(doms, key=lambda d: r.get(f"{d}.ppl_ratio") or 0.0)
+            cells.append(f"{_fmt(r.get(f'{worst}.ppl_ratio'), 3)} ({worst})")
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines)
+
+
 def timing_table(rows: list[dict]) -> str:
     keys = list(dict.fromkeys(k for r in rows for k in r if k.startswith("time_")))
     head = ["method", "experts"] + [k[5:-2] + " (s)" for k in keys]
