@@ -1,0 +1,485 @@
+"""Speed at real sizes: one random-weight MoE layer per model shape, statistics and every method timed.
+
+For each shape the MoE block is transformers' own class built from a config (bf16 on CUDA, fp32 on CPU,
+weights ~ N(0, 0.02), DeepSeek-V3's correction bias ~ N(0, 0.01)):
+
+- ``mixtral``      Mixtral-8x7B:   H 4096, I 14336, E 8, top-2 (`MixtralSparseMoeBlock`), 32 MoE layers;
+- ``qwen3``        Qwen3-30B-A3B:  H 2048, I 768, E 128, top-8 (`Qwen3MoeSparseMoeBlock`), 48 MoE layers;
+- ``deepseek_v3``  DeepSeek-V3:    H 7168, I 2048, E 256 + 1 shared, top-8, 8 groups (top-4 groups), sigmoid
+  with correction bias, routed scaling 2.5 (`DeepseekV3MoE`), 58 MoE layers.
+
+Per layer, on ``--n-seqs`` x ``--seq-len`` random hidden states (batches of ``--batch-size`` sequences):
+
+1. ``forward``: the plain block forward over all tokens, the faster of transformers' ``eager`` and
+   ``grouped_mm`` experts backends (both reported);
+2. ``routed statistics``: the same forward with moe-compress's `ObservedExperts` (frequency, soft_count,
+   ean, reap, max_activation) - what every pruning method needs;
+3. ``merge statistics``: routed + the similarity observers the merging methods read (output_similarity /
+   expert_output_mean on ``--similarity-tokens`` tokens, router_similarity);
+4. per method at 50% of the experts: ``Method.plan`` on that layer (planning + pruning/merging, statistics
+   excluded), the MoE inputs being an even subsample of ``max_tokens`` (32768) calibration tokens. NAEE is run
+   only where its search is tractable (E <= ``--naee-max-experts``), else reported as skipped.
+   Sub-MoE runs at its default (rank_ratio 1: the merge is exactly the frequency-weighted average) and
+   truncated (rank_ratio 0.5; plain and whitened, Gram eigendecomposition in float64, and float32 with its
+   largest deviation from float64 reported; randomized subspace iteration, ``svd="randomized"``, float64 and
+   float32, with its a-posteriori error measures and its deviation from the exact float64 result).
+
+Whole-model time = MoE layers x (statistics + planning) for the method (statistics: routed for pruning,
+merge statistics for merging). Peak GPU memory is torch's max_memory_allocated during each step (the
+layer's weights and the token batches included). Prints a markdown table and writes JSON with ``--out``.
+
+Usage:  PYTHONPATH=src python3 bench/scale.py --device cuda --shapes full --out scale.json
+        .venv/bin/python bench/scale.py --device cpu --shapes tiny                (CPU, < 1 minute)
+Needs torch, transformers and pydantic (the methods' parameters) beside this package; no typer/rich.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+
+FULL = {
+    "mixtral": dict(arch="mixtral", hidden=4096, inter=14336, experts=8, top_k=2, layers=32),
+    "qwen3": dict(arch="qwen3_moe", hidden=2048, inter=768, experts=128, top_k=8, layers=48),
+    "deepseek_v3": dict(arch="deepseek_v3", hidden=7168, inter=2048, experts=256, top_k=8, layers=58,
+                        n_group=8, topk_group=4, shared=1),
+}
+TINY = {
+    "mixtral": dict(arch="mixtral", hidden=64, inter=96, experts=8, top_k=2, layers=32),
+    "qwen3": dict(arch="qwen3_moe", hidden=48, inter=32, experts=16, top_k=4, layers=48),
+    "deepseek_v3": dict(arch="deepseek_v3", hidden=64, inter=32, experts=32, top_k=4, layers=58,
+                        n_group=4, topk_group=2, shared=1),
+}
+TOKENS = {"full": dict(n_seqs=128, seq_len=2048, batch_size=8), "tiny": dict(n_seqs=8, seq_len=64, batch_size=4)}
+
+PLAIN_BACKENDS = ("eager", "grouped_mm")  # transformers' experts backends timed for the plain forward
+PRUNE = ["frequency", "soft-count", "ean", "reap", "naee"]
+MERGE = ["msmoe", "hcsmoe", "submoe"]
+VARIANTS = {  # label -> (method, params)
+    "submoe r=0.5": ("submoe", {"rank_ratio": 0.5}),
+    "submoe r=0.5 float32": ("submoe", {"rank_ratio": 0.5, "gram_dtype": "float32"}),
+    "submoe r=0.5 whiten": ("submoe", {"rank_ratio": 0.5, "whiten": True}),
+    "submoe r=0.5 randomized": ("submoe", {"rank_ratio": 0.5, "svd": "randomized"}),
+    "submoe r=0.5 randomized float32": ("submoe", {"rank_ratio": 0.5, "svd": "randomized", "gram_dtype": "float32"}),
+}
+# fixed-pair merge variants (`pair_merge`): label -> submoe_merge keywords
+PAIR_VARIANTS = {
+    "full rank": dict(rank_ratio=1.0),
+    "r=0.5 float64": dict(rank_ratio=0.5),
+    "r=0.5 float32": dict(rank_ratio=0.5, gram_dtype=torch.float32),
+    "r=0.5 randomized q=1 float32": dict(rank_ratio=0.5, gram_dtype=torch.float32, svd="randomized", power_iters=1),
+    "r=0.5 randomized q=2 float32": dict(rank_ratio=0.5, gram_dtype=torch.float32, svd="randomized", power_iters=2),
+    "r=0.5 randomized q=4 float32": dict(rank_ratio=0.5, gram_dtype=torch.float32, svd="randomized", power_iters=4),
+    "r=0.5 randomized q=2 float64": dict(rank_ratio=0.5, svd="randomized", power_iters=2),
+}
+
+
+def diff_vs(got, ref) -> dict:
+    """Deviation of merged experts from a reference: largest |difference| relative to the largest |weight|, and
+    the relative Frobenius difference, worst over gate/up/down."""
+    pairs = [(getattr(got, n).float(), getattr(ref, n).float()) for n in ("gate", "up", "down")]
+    return {"max_rel_diff": max(float((a - b).abs().max() / b.abs().max().clamp(min=1e-30)) for a, b in pairs),
+            "fro_rel_diff": max(float((a - b).norm() / b.norm().clamp(min=1e-30)) for a, b in pairs)}
+
+
+def build_block(shape: dict, device: str, dtype: torch.dtype, seed: int = 0):
+    """(config, block) for one shape: transformers' own MoE block class with random weights."""
+    arch = shape["arch"]
+    if arch == "mixtral":
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock as Block
+        cfg = MixtralConfig(hidden_size=shape["hidden"], intermediate_size=shape["inter"],
+                            num_local_experts=shape["experts"], num_experts_per_tok=shape["top_k"])
+    elif arch == "qwen3_moe":
+        from transformers import Qwen3MoeConfig
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock as Block
+        cfg = Qwen3MoeConfig(hidden_size=shape["hidden"], moe_intermediate_size=shape["inter"],
+                             num_experts=shape["experts"], num_experts_per_tok=shape["top_k"], norm_topk_prob=True)
+    elif arch == "deepseek_v3":
+        from transformers import DeepseekV3Config
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE as Block
+        cfg = DeepseekV3Config(hidden_size=shape["hidden"], moe_intermediate_size=shape["inter"],
+                               n_routed_experts=shape["experts"], n_shared_experts=shape["shared"],
+                               num_experts_per_tok=shape["top_k"], n_group=shape["n_group"],
+                               topk_group=shape["topk_group"], norm_topk_prob=True, routed_scaling_factor=2.5)
+    else:
+        raise ValueError(arch)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        block = Block(cfg).to(dtype).eval()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for p in block.parameters():  # drawn in float32, a slice of at most ~2^28 elements at a time
+            step = max(1, (1 << 28) // max(1, p[0].numel())) if p.dim() > 1 else p.shape[0]
+            for s in range(0, p.shape[0], step):
+                p[s:s + step].copy_(torch.randn(p[s:s + step].shape, generator=gen, device=device,
+                                                dtype=torch.float32).mul_(0.02))
+        bias = getattr(getattr(block, "gate", None), "e_score_correction_bias", None)
+        if bias is not None:
+            bias.copy_(torch.randn(bias.shape, generator=gen, device=device, dtype=torch.float32).mul_(0.01))
+    return cfg, block
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class Step:
+    """Times one step (wall clock, synchronised) and its peak GPU memory."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def __enter__(self):
+        sync(self.device)
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        sync(self.device)
+        self.seconds = time.perf_counter() - self.t0
+        self.peak_gb = (torch.cuda.max_memory_allocated() / 2**30) if self.device.startswith("cuda") else None
+        return False
+
+
+def bench_shape(name: str, shape: dict, tok: dict, args, device: str, dtype: torch.dtype) -> dict:
+    from moe_compress.calibration.observers import ObservedExperts, make_observers
+    from moe_compress.methods.base import LayerContext, get_method
+    from moe_compress.methods.merging.signals import subsample_tokens
+    from moe_compress.models.registry import ARCHS, Adapter
+
+    cfg, block = build_block(shape, device, dtype, args.seed)
+    view = Adapter(ARCHS[shape["arch"]], cfg).layer(None, 0, block)
+    gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+    n_batches = max(1, tok["n_seqs"] // tok["batch_size"])
+    batches = [torch.randn(tok["batch_size"], tok["seq_len"], shape["hidden"], generator=gen, device=device,
+                           dtype=dtype) for _ in range(n_batches)]
+    tokens = n_batches * tok["batch_size"] * tok["seq_len"]
+    n_new = shape["experts"] // 2
+    out = {"shape": name, **shape, "tokens": tokens, "dtype": str(dtype).replace("torch.", ""),
+           "n_new": n_new, "steps": {}, "methods": {}}
+    weights_gb = sum(p.numel() * p.element_size() for p in block.parameters()) / 2**30
+    out["layer_weights_gb"] = round(weights_gb, 3)
+
+    def forward_all(observer=None, backend=None):
+        if backend is not None:
+            cfg._experts_implementation = backend
+        for x in batches:
+            if observer is None:
+                block(x)
+            else:
+                observer.install()
+                try:
+                    block(x)
+                finally:
+                    observer.remove()
+
+    methods = [m for m in PRUNE + MERGE]
+    merge_extra = set()
+    for m in MERGE:
+        merge_extra |= set(get_method(m).needs)
+    merge_extra -= {"frequency", "soft_count", "ean", "reap", "max_activation"}
+    merge_extra = sorted(merge_extra)
+    out["merge_statistics"] = merge_extra
+
+    with torch.inference_mode():
+        for backend in PLAIN_BACKENDS:  # warm-up (kernels, allocator)
+            forward_all(backend=backend)
+        ObservedExperts(view).install().remove()
+        warm = ObservedExperts(view)
+        warm.install()
+        try:
+            block(batches[0])
+        finally:
+            warm.remove()
+        reps = {}
+        for label in [f"forward {b}" for b in PLAIN_BACKENDS] + ["routed statistics", "merge statistics"]:
+            reps[label] = []
+        for _ in range(args.repeats):
+            for backend in PLAIN_BACKENDS:
+                with Step(device) as s:
+                    forward_all(backend=backend)
+                reps[f"forward {backend}"].append(s)
+            obs = ObservedExperts(view)
+            with Step(device) as s:
+                forward_all(obs)
+            reps["routed statistics"].append(s)
+            routed = obs.results()
+            obs = ObservedExperts(view, make_observers(view, merge_extra, total_tokens=tokens,
+                                                        similarity_tokens=args.similarity_tokens))
+            with Step(device) as s:
+                forward_all(obs)
+            reps["merge statistics"].append(s)
+            merged_stats = obs.results()
+        for label, steps in reps.items():
+            best = min(steps, key=lambda st: st.seconds)
+            out["steps"][label] = {"seconds": round(best.seconds, 4), "peak_gb": _r(best.peak_gb)}
+        fastest = min((out["steps"][f"forward {b}"] for b in PLAIN_BACKENDS), key=lambda v: v["seconds"])
+        out["steps"] = {"forward": dict(fastest), **out["steps"]}
+        out["routed_ratio"] = round(out["steps"]["routed statistics"]["seconds"] / out["steps"]["forward"]["seconds"], 3)
+        out["frequency_total_ok"] = int(routed["frequency"].sum()) == tokens * shape["top_k"]
+
+    # calibration inputs for the merging methods: an even subsample of max_tokens rows of all tokens
+    flat = torch.cat([b.reshape(-1, shape["hidden"]) for b in batches]) if len(batches) > 1 else batches[0].reshape(-1, shape["hidden"])
+    inputs = subsample_tokens(flat, 32768).clone()
+    del flat
+    batches.clear()  # the methods need only the subsample: frees 3.8 GB for DeepSeek-V3
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+    rows = [(m, m, {}) for m in methods] + [(label, m, p) for label, (m, p) in VARIANTS.items()]
+    if args.methods:
+        rows = [row for row in rows if row[0] in args.methods.split(",")]
+    results64 = {}
+    for label, mname, params in rows:
+        rec = {}
+        if mname == "naee" and shape["experts"] > args.naee_max_experts:
+            rec["skipped"] = (f"E={shape['experts']} > {args.naee_max_experts}: greedy search runs every expert on "
+                              f"every token and re-routes per candidate; not tractable here")
+            out["methods"][label] = rec
+            continue
+        if label.startswith("submoe r=") and not _variants_for(name, args):
+            rec["skipped"] = "truncated Sub-MoE variants not requested for this shape (--truncated-shapes)"
+            out["methods"][label] = rec
+            continue
+        method = get_method(mname, **params)
+        stats = dict(merged_stats if method.kind == "merge" else routed)
+        times = []
+        plan = None
+        for r in range(args.plan_repeats):
+            ctx = LayerContext(view, n_new, stats, inputs if method.needs_inputs else None,
+                               torch.Generator().manual_seed(args.seed))
+            with torch.no_grad(), Step(device) as s:
+                plan = method.plan(ctx)
+            times.append(s)
+        best = min(times, key=lambda st: st.seconds)
+        stat_label = "merge statistics" if method.kind == "merge" else "routed statistics"
+        stat_s = out["steps"][stat_label]["seconds"]
+        rec.update(kind=method.kind, plan_s=round(best.seconds, 4), plan_first_s=round(times[0].seconds, 4),
+                   statistics=stat_label, statistics_s=stat_s, peak_gb=_r(best.peak_gb if best.peak_gb is None else max(t.peak_gb for t in times)),
+                   layer_s=round(stat_s + best.seconds, 4),
+                   model_min=round(shape["layers"] * (stat_s + best.seconds) / 60, 3),
+                   experts_after=plan.expert_set.n_experts)
+        if mname == "submoe":
+            info = plan.info
+            rec["ranks"] = info.get("ranks")
+            rec["groups"] = [len(g) for g in info.get("groups", [])]
+            if params.get("rank_ratio", 1.0) < 1 and "gram_dtype" not in params and not params.get("whiten"):
+                results64[label] = plan.expert_set.experts
+            if "svd_error" in info:
+                rec["svd_error"] = info["svd_error"]
+                if "submoe r=0.5" in results64:
+                    rec["vs_exact_float64"] = diff_vs(plan.expert_set.experts, results64["submoe r=0.5"])
+            elif params.get("gram_dtype") == "float32" and "submoe r=0.5" in results64:
+                ref = results64["submoe r=0.5"]
+                got = plan.expert_set.experts
+                rec["max_rel_diff_vs_float64"] = max(
+                    float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-30))
+                    for a, b in ((got.gate, ref.gate), (got.up, ref.up), (got.down, ref.down)))
+        out["methods"][label] = rec
+        del plan
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    if args.pair_merge and shape["experts"] % 2 == 0 and shape["experts"] <= 16:
+        out["pair_merge"] = pair_merge(view, device, args)
+    del batches, inputs, block, view
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return out
+
+
+def pair_merge(view, device: str, args) -> dict:
+    """`submoe_merge` alone on fixed groups of two (0+1, 2+3, ...), frequency weights from a fixed draw:
+    the Sub-MoE merge cost without the grouping, at full rank and at rank_ratio 0.5 (float64 / float32 Grams;
+    the float32 result's largest deviation from float64, relative to the largest |weight|; randomized subspace
+    iteration with q = 1, 2, 4 power iterations: its error measures and its deviation from exact float64)."""
+    from moe_compress.methods.merging.merge import group_weights, submoe_merge
+
+    e = view.n_experts
+    groups = [[i, i + 1] for i in range(0, e, 2)]
+    freq = torch.arange(1, e + 1, dtype=torch.float64)
+    weights = group_weights(freq, groups)
+    out, ref = {}, None
+    for label, kw in PAIR_VARIANTS.items():
+        if args.pair_variants and label not in args.pair_variants.split(","):
+            continue
+        times = []
+        for _ in range(args.plan_repeats):
+            with torch.no_grad(), Step(device) as s:
+                merged, info = submoe_merge(view.experts, groups, weights, **kw)
+            times.append(s)
+        best = min(times, key=lambda st: st.seconds)
+        rec = {"seconds": round(best.seconds, 4), "first_s": round(times[0].seconds, 4), "peak_gb": _r(best.peak_gb),
+               "ranks": info["ranks"]}
+        if "svd_error" in info:
+            rec["svd_error"] = info["svd_error"]
+            if ref is not None:
+                rec["vs_exact_float64"] = diff_vs(merged, ref)
+        if label == "r=0.5 float64":
+            ref = merged
+        elif label == "r=0.5 float32" and ref is not None:
+            rec["max_rel_diff_vs_float64"] = max(
+                float((a - b).abs().max() / b.abs().max()) for a, b in
+                ((merged.gate, ref.gate), (merged.up, ref.up), (merged.down, ref.down)))
+        out[label] = rec
+        del merged
+    return out
+
+
+def _randomized_notes(m: dict) -> list[str]:
+    """Markdown notes for a randomized Sub-MoE record: its error measures and its deviation from exact."""
+    out = []
+    errs = m.get("svd_error")
+    if errs:
+        worst = [e for e in errs.values() if isinstance(e, dict)]
+        if worst:
+            out.append("residual_rel <= {:.4f} (optimal >= {:.4f}; excess ratio <= {:.4f}; ritz residual {:.1e})".format(
+                max(e["residual_rel"] for e in worst), min(e["optimal_residual_rel_lower"] for e in worst),
+                max(e["excess_ratio"] for e in worst), max(e["ritz_residual"] for e in worst)))
+    if m.get("vs_exact_float64"):
+        v = m["vs_exact_float64"]
+        out.append(f"vs exact float64: max rel diff {v['max_rel_diff']:.1e}, Frobenius rel diff {v['fro_rel_diff']:.1e}")
+    return out
+
+
+def _variants_for(name: str, args) -> bool:
+    return args.truncated_shapes == "all" or name in args.truncated_shapes.split(",")
+
+
+def _r(x):
+    return None if x is None else round(x, 2)
+
+
+def eigh_probe(device: str, sizes=(4096, 8192)) -> list[dict]:
+    """Seconds of one torch.linalg.eigh of a random symmetric [n, n] matrix per dtype (context for Sub-MoE)."""
+    out = []
+    gen = torch.Generator(device=device).manual_seed(0)
+    for n in sizes:
+        a = torch.randn(n, n, generator=gen, device=device, dtype=torch.float64)
+        a = a @ a.T
+        for dt in (torch.float64, torch.float32):
+            m = a.to(dt)
+            torch.linalg.eigh(m[:256, :256])
+            with Step(device) as s:
+                torch.linalg.eigh(m)
+            out.append({"n": n, "dtype": str(dt).replace("torch.", ""), "seconds": round(s.seconds, 4)})
+        if device.startswith("cuda") and n == max(sizes):  # do independent eighs overlap on streams?
+            import threading
+            mats = [a + i * torch.eye(n, device=device, dtype=a.dtype) for i in range(4)]
+
+            def work(m, stream):
+                with torch.cuda.stream(stream):
+                    torch.linalg.eigh(m)
+            with Step(device) as seq:
+                for m in mats:
+                    torch.linalg.eigh(m)
+            streams = [torch.cuda.Stream() for _ in mats]
+            with Step(device) as par:
+                threads = [threading.Thread(target=work, args=(m, st)) for m, st in zip(mats, streams)]
+                [t.start() for t in threads]
+                [t.join() for t in threads]
+            out.append({"n": n, "dtype": "float64", "four_sequential_s": round(seq.seconds, 4),
+                        "four_on_streams_s": round(par.seconds, 4)})
+    return out
+
+
+def markdown(results: list[dict]) -> str:
+    lines = []
+    for r in results:
+        st = r["steps"]
+        lines.append(f"\n### {r['shape']}: H {r['hidden']}, I {r['inter']}, E {r['experts']}"
+                     f"{' + ' + str(r['shared']) + ' shared' if r.get('shared') else ''}, top-{r['top_k']}, "
+                     f"{r['layers']} MoE layers, {r['tokens']} tokens, {r['dtype']}, layer weights "
+                     f"{r['layer_weights_gb']} GiB, -> {r['n_new']} experts\n")
+        lines.append("| step | seconds / layer | peak GPU GiB |")
+        lines.append("|---|---:|---:|")
+        for label, v in st.items():
+            lines.append(f"| {label} | {v['seconds']:.3f} | {v['peak_gb'] if v['peak_gb'] is not None else '-'} |")
+        lines.append(f"\nforward = the faster plain backend; routed statistics / forward = {r['routed_ratio']}; merge statistics = routed + "
+                     f"{', '.join(r['merge_statistics'])}\n")
+        lines.append("| method | plan + prune/merge s | statistics s | per layer s | whole model (min) | peak GPU GiB | note |")
+        lines.append("|---|---:|---:|---:|---:|---:|---|")
+        for label, m in r["methods"].items():
+            if "skipped" in m:
+                lines.append(f"| {label} | skipped | | | | | {m['skipped']} |")
+                continue
+            note = []
+            if "ranks" in m:
+                note.append(f"ranks {m['ranks']}")
+            if "max_rel_diff_vs_float64" in m:
+                note.append(f"max rel diff vs float64 {m['max_rel_diff_vs_float64']:.1e}")
+            note += _randomized_notes(m)
+            if m["plan_first_s"] > 1.5 * m["plan_s"] and m["plan_first_s"] - m["plan_s"] > 0.05:
+                note.append(f"first call {m['plan_first_s']:.3f} s")
+            lines.append(f"| {label} | {m['plan_s']:.3f} | {m['statistics_s']:.3f} | {m['layer_s']:.3f} | "
+                         f"{m['model_min']:.2f} | {m['peak_gb'] if m['peak_gb'] is not None else '-'} | {'; '.join(note)} |")
+        if r.get("pair_merge"):
+            lines.append("\nSub-MoE merge alone (`submoe_merge`, fixed groups of two, statistics and grouping excluded):\n")
+            lines.append("| variant | seconds | first call s | peak GPU GiB | note |")
+            lines.append("|---|---:|---:|---:|---|")
+            for label, v in r["pair_merge"].items():
+                d = v.get("max_rel_diff_vs_float64")
+                extra = "".join("; " + n for n in _randomized_notes(v))
+                lines.append(f"| {label} | {v['seconds']:.3f} | {v['first_s']:.3f} | {v['peak_gb'] if v['peak_gb'] is not None else '-'} | "
+                             f"ranks {v['ranks']}{'' if d is None else f'; max rel diff vs float64 {d:.1e}'}{extra} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", help="cpu | cuda[:N]")
+    ap.add_argument("--shapes", default="tiny", choices=["full", "tiny"])
+    ap.add_argument("--only", default="", help="comma-separated subset of mixtral,qwen3,deepseek_v3")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--repeats", type=int, default=2, help="passes over the tokens per step (min is kept)")
+    ap.add_argument("--plan-repeats", type=int, default=2, help="calls of each method's plan (min is kept)")
+    ap.add_argument("--similarity-tokens", type=int, default=32768)
+    ap.add_argument("--naee-max-experts", type=int, default=16)
+    ap.add_argument("--truncated-shapes", default="all", help="shapes that run the truncated Sub-MoE variants")
+    ap.add_argument("--pair-merge", action="store_true", help="also time submoe_merge on fixed pairs (E <= 16)")
+    ap.add_argument("--eigh-probe", action="store_true", help="also time one eigh of 4096/8192 matrices")
+    ap.add_argument("--methods", default="", help="comma-separated subset of the method rows (labels) to plan")
+    ap.add_argument("--pair-variants", default="", help="comma-separated subset of the --pair-merge variants")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    device = args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    shapes = FULL if args.shapes == "full" else TINY
+    names = [n for n in shapes if not args.only or n in args.only.split(",")]
+    header = {"device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
+              "torch": torch.__version__, "shapes": args.shapes, **TOKENS[args.shapes]}
+    try:
+        import transformers
+        header["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    print(json.dumps(header), flush=True)
+    results = []
+    for n in names:
+        t0 = time.perf_counter()
+        r = bench_shape(n, shapes[n], TOKENS[args.shapes], args, device, dtype)
+        r["bench_wall_s"] = round(time.perf_counter() - t0, 1)
+        results.append(r)
+        print(json.dumps(r), flush=True)
+    probe = eigh_probe(device) if args.eigh_probe else None
+    print(markdown(results))
+    if probe:
+        print("\neigh probe:", json.dumps(probe))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"header": header, "results": results, "eigh_probe": probe}, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
