@@ -48,7 +48,7 @@ def test_scale_bench_tiny_shapes_run_every_method(tmp_path, capsys):
             m = r["methods"][label]
             assert m["vs_exact_float64"]["fro_rel_diff"] < 1.0
             for e in m["svd_error"].values():
-                assert e == "exact" or e["optimal_residual_rel_lower"] <= e["residual_rel"] + 1e-6
+                assert e == "full" or e["optimal_residual_rel_lower"] <= e["residual_rel"] + 1e-6
     rnd = results[0]["pair_merge"]["r=0.5 randomized q=2 float32"]
     assert set(rnd["svd_error"]) == {"gate", "up", "down"} and "vs_exact_float64" in rnd
     assert "residual_rel <=" in printed
@@ -244,3 +244,21 @@ def test_randomized_identical_experts_still_merge_exactly():
             assert all(info["svd_error"][p]["residual_rel"] < 1e-5 for p in ("gate", "up", "down"))
         else:
             assert "svd_error" not in info
+
+
+def test_exact_route_reports_the_optimal_truncation_error():
+    w = _experts(e=4, inter=14, hidden=9, seed=11)
+    groups = [[0, 1], [2, 3]]
+    weights = group_weights(torch.tensor([1.0, 2, 3, 4]), groups)
+    _, info = submoe_merge(w, groups, weights, rank_ratio=0.5)
+    assert info["svd"] == {"mode": "exact"}
+    for name in ("gate", "down"):
+        t = getattr(w, name)
+        opt = []
+        for g in groups:
+            s = torch.linalg.svdvals(torch.cat(list(t[g].double()), dim=1))
+            r = info["ranks"][name]
+            opt.append(float((s[r:].square().sum() / s.square().sum()).sqrt()))
+        e = info["svd_error"][name]
+        assert e["residual_rel"] == pytest.approx(max(opt), rel=1e-6)
+        assert e["excess_ratio"] == pytest.approx(1.0)

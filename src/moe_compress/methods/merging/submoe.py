@@ -5,7 +5,9 @@ the similarity rows groups the experts; per group and projection, the SVD of the
 along the input axis shares the output-side basis U, and the expert-specific V_i are merged with the
 frequencies: W_g = U_r Sigma_r (sum_i f_i V_i)_r^T = P_r sum_i f_i W_i (see `merge.py`). Switches:
 ``similarity`` (output | router | weight | output_mean), ``clustering`` (kmeans | hierarchical | dominant),
-``rank_ratio`` (< 1 truncates), ``whiten`` (Sub-MoE-dagger: SVD-LLM whitening by the group's calibration
+``rank_ratio`` (< 1 truncates), ``svd`` (exact | randomized: randomized subspace iteration for the truncated
+subspace, with ``oversample``, ``power_iters``, ``svd_seed``; its error measures go into the plan info),
+``whiten`` (Sub-MoE-dagger: SVD-LLM whitening by the group's calibration
 second moments; only matters with truncation), ``align``, ``router``, ``weighting``.
 """
 
@@ -48,6 +50,10 @@ class SubMoE(MergeMethod):
         whiten: bool = False
         rank_ratio: float = Field(1.0, gt=0.0, le=1.0)
         gram_dtype: Literal["float64", "float32"] = "float64"
+        svd: Literal["exact", "randomized"] = "exact"   # truncated subspace: dense eigh, or randomized
+        oversample: int = Field(256, ge=0)               # randomized: p extra test vectors
+        power_iters: int = Field(2, ge=0)                # randomized: q subspace iterations on the Gram
+        svd_seed: int = 0                                # randomized: seed of the Gaussian test matrix
 
     def group(self, ctx, freq, x):
         p = self.params
@@ -68,6 +74,7 @@ class SubMoE(MergeMethod):
             inputs = group_tokens(ctx.layer, x, groups)
         merged, info = submoe_merge(w, groups, weights, rank_ratio=p.rank_ratio, whiten=inputs is not None,
                                     group_inputs=inputs, activation=ctx.layer.activation,
-                                    gram_dtype=getattr(torch, p.gram_dtype))
+                                    gram_dtype=getattr(torch, p.gram_dtype), svd=p.svd,
+                                    oversample=p.oversample, power_iters=p.power_iters, seed=p.svd_seed)
         info["rank_ratio"] = p.rank_ratio
         return merged, info
