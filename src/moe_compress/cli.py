@@ -17,12 +17,12 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from moe_compress.errors import UserError
+from moe_compress.errors import UserError, is_disk_full
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Prune and merge the experts of MoE language models into smaller standard checkpoints.")
-console = Console(stderr=True)
-out_console = Console()
+console = Console(stderr=True, soft_wrap=True)
+out_console = Console(soft_wrap=True)  # a path or a plan line is never cut by a hard wrap in a log
 
 
 @contextmanager
@@ -400,8 +400,6 @@ def _interrupted() -> None:
 
 def main() -> None:
     """Console entry point: maps errors to exit codes (2 = user mistake, 130 = interrupted, 1 = internal error)."""
-    from moe_compress.errors import is_disk_full
-
     try:
         _quiet_libraries()
         code = app(standalone_mode=False)
@@ -420,8 +418,9 @@ def main() -> None:
             e.show()
             sys.exit(e.exit_code)
         if is_disk_full(e):
-            console.print(f"[bold red]error:[/] no space left on the device: {escape(str(e).splitlines()[0])}; free some "
-                          "space and run again", highlight=False, soft_wrap=True)
+            first = escape(str(e).splitlines()[0])
+            console.print(f"[bold red]error:[/] no space left on the device: {first}; free some space and run again",
+                          highlight=False, soft_wrap=True)
             sys.exit(2)
         log = _log_traceback()
         first = escape(str(e).splitlines()[0]) if str(e) else ""

@@ -27,8 +27,39 @@ def count_parameters(config) -> tuple[int, int, list[int]]:
     return total, per_expert, list(adapter.moe_blocks(model))
 
 
+def _bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n / 2**10:.1f} KiB"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{max(seconds, 1):.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
+
+
+def _ranges(ids: list[int]) -> str:
+    """[1, 2, 3, 5] -> '1-3, 5'"""
+    parts, start = [], None
+    for i, x in enumerate(ids):
+        if start is None:
+            start = x
+        if i + 1 == len(ids) or ids[i + 1] != x + 1:
+            parts.append(str(start) if start == x else f"{start}-{x}")
+            start = None
+    return ", ".join(parts)
+
+
+# Throughputs behind the dry run's time estimate (stated in its output): effective dense-matmul rates of a
+# data-centre GPU in bf16 and of a few CPU cores in fp32, for a forward pass through a MoE model.
+GPU_FLOPS, CPU_FLOPS = 200e12, 0.2e12
+
+
 def describe_plan(recipe: Recipe) -> str:
-    """A few lines: layers, experts kept, parameters and weight memory before/after, calibration size."""
+    """A few lines: layers, experts kept or merged, parameters and weight memory before/after, peak memory,
+    calibration size and a rough time estimate (from the config alone; nothing is loaded or written)."""
     cls = method_class(recipe.method)
     cls(**recipe.params)  # validates the parameters
     config = load_config(recipe.model, recipe.trust_remote_code)
@@ -42,21 +73,36 @@ def describe_plan(recipe: Recipe) -> str:
     check_expert_count(adapter, n_new)
     total, per_expert, moe_layers = count_parameters(config)
     after = total - per_expert * (n_orig - n_new) * len(moe_layers)
+    top_k = adapter.rule().top_k
+    active = total - per_expert * (n_orig - top_k) * len(moe_layers)  # parameters one token passes through
     bytes_per = 2 if recipe.dtype in ("bfloat16", "float16", "auto") else 4
     c = recipe.calibration
+    if cls.kind == "merge":
+        change = f"{n_orig} -> {n_new} routed experts each ({n_orig} merged into {n_new} groups)"
+    else:
+        change = f"{n_orig} -> {n_new} routed experts each ({n_orig - n_new} pruned, {n_new} kept)"
     lines = [
         f"plan (dry run, nothing written): {recipe.model} -> {recipe.output}",
         f"  method      {recipe.method} ({cls.kind}) params={recipe.params or {}}",
-        f"  MoE layers  {len(moe_layers)} of {config.num_hidden_layers}: {n_orig} -> {n_new} routed experts each "
-        f"(top-{adapter.rule().top_k}, {adapter.rule().kind})",
+        f"  MoE layers  {len(moe_layers)} of {config.num_hidden_layers} (layers {_ranges(sorted(moe_layers))}): "
+        f"{change}; top-{top_k} routing ({adapter.rule().kind}); shared experts untouched",
         f"  parameters  {total / 1e6:.2f}M -> {after / 1e6:.2f}M ({100 * (1 - after / total):.1f}% fewer); "
-        f"weights {total * bytes_per / 2**30:.2f} -> {after * bytes_per / 2**30:.2f} GiB at {bytes_per} bytes",
+        f"weights {_bytes(total * bytes_per)} -> {_bytes(after * bytes_per)} at {bytes_per} bytes per parameter",
     ]
     if cls.needs_data:
-        lines.append(f"  calibration {c.data}: {c.n_samples} x {c.seq_len} tokens ({c.n_samples * c.seq_len} "
-                     f"tokens), mode {recipe.mode}")
-        lines.append("  time        about one forward pass of the calibration tokens, layer by layer, plus "
-                     "planning")
-    lines.append(f"  peak device memory about one decoder layer ({per_expert * n_orig * bytes_per / 2**20:.1f} MiB of "
-                 "routed experts) plus the calibration activations")
+        tokens = c.n_samples * c.seq_len
+        flops = 2 * active * tokens
+        lines.append(f"  calibration {c.data}: {c.n_samples} x {c.seq_len} = {tokens} tokens, batches of "
+                     f"{c.batch_size}, mode {recipe.mode}")
+        lines.append(f"  time        compute of one forward pass over the calibration tokens ~{flops:.2g} FLOP (2 x "
+                     f"{active / 1e6:.3g}M active parameters x tokens): at least {_duration(flops / GPU_FLOPS)} on a GPU "
+                     f"at {GPU_FLOPS / 1e12:.0f} TFLOP/s, {_duration(flops / CPU_FLOPS)} on a CPU at "
+                     f"{CPU_FLOPS / 1e12:.1f} TFLOP/s; loading the weights and planning come on top")
+    else:
+        lines.append("  calibration none (this method needs no data)")
+        lines.append(f"  time        loading and writing {_bytes(total * bytes_per)} of weights, plus planning "
+                     "(seconds per layer)")
+    layer_bytes = _bytes(per_expert * n_orig * bytes_per)
+    lines.append(f"  memory      device: about one decoder layer ({layer_bytes} of routed experts) plus the "
+                 f"activations of one batch; CPU: the whole model ({_bytes(total * bytes_per)})")
     return "\n".join(lines)

@@ -78,17 +78,17 @@ def _set_path(data: dict, dotted: str, value: Any) -> None:
     cur[keys[-1]] = value
 
 
-def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
-    """``key.sub=value`` strings -> (key, YAML-parsed value) pairs."""
+def parse_overrides(items: list[str], flag: str = "--set") -> list[tuple[str, Any]]:
+    """``key.sub=value`` strings -> (key, YAML-parsed value) pairs; errors name ``flag``."""
     out = []
     for item in items:
-        if "=" not in item:
-            raise UserError(f"--set expects key=value, got {item!r}")
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise UserError(f"{flag} expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
         try:
             out.append((key.strip(), yaml.safe_load(raw)))
         except yaml.YAMLError:
-            raise UserError(f"--set {key}: cannot parse value {raw!r}") from None
+            raise UserError(f"{flag} {key}: cannot parse value {raw!r}") from None
     return out
 
 

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from moe_compress.errors import UserError
+from moe_compress.errors import UserError, is_disk_full
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
@@ -42,8 +42,11 @@ def atomic_output_dir(out: str | Path, overwrite: bool) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e):
+            raise UserError(f"no space left on the device of {out.parent.resolve()} while writing {out.name}: free "
+                            "some space or choose another --out (nothing was written)") from e
         raise
 
 

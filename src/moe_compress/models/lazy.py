@@ -101,14 +101,24 @@ class SafetensorsFolder:
             raise UserError(f"no .safetensors weights in {folder}")
         self.entries: dict[str, tuple[Path, str, tuple[int, ...], int, int]] = {}
         for f in files:
-            with open(f, "rb") as fh:
-                n = struct.unpack("<Q", fh.read(8))[0]
-                header = json.loads(fh.read(n))
-            for key, info in header.items():
-                if key == "__metadata__":
-                    continue
-                begin, end = info["data_offsets"]
-                self.entries[key] = (f, info["dtype"], tuple(info["shape"]), 8 + n + begin, end - begin)
+            try:  # a damaged or truncated download must be a clear error, not a huge allocation or a KeyError
+                size = f.stat().st_size
+                with open(f, "rb") as fh:
+                    head = fh.read(8)
+                    n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+                    if not 0 < n <= size - 8:
+                        raise ValueError("its header length points beyond the end of the file")
+                    header = json.loads(fh.read(n))
+                for key, info in header.items():
+                    if key == "__metadata__":
+                        continue
+                    begin, end = info["data_offsets"]
+                    if 8 + n + end > size:
+                        raise ValueError(f"tensor {key} ends beyond the end of the file (truncated?)")
+                    self.entries[key] = (f, info["dtype"], tuple(info["shape"]), 8 + n + begin, end - begin)
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise UserError(f"cannot read the weights file {f}: {e}; the file is damaged or incomplete, "
+                                "download the checkpoint again") from None
 
     def __contains__(self, key: str) -> bool:
         return key in self.entries

@@ -69,9 +69,14 @@ def load_model(spec: str, dtype: torch.dtype | str = torch.float32, device: str 
     path = resolve_model(spec)
     if Path(path).is_dir() and not any(Path(path).glob("*.safetensors")):
         raise UserError(f"no .safetensors weights in {spec} (only safetensors checkpoints are loaded)")
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
                                                      trust_remote_code=trust_remote_code)
+    except SafetensorError as e:  # a truncated or corrupt weights file
+        raise UserError(f"cannot read the weights of {spec} ({str(e).splitlines()[0]}): a file is damaged or "
+                        "incomplete; download the checkpoint again") from e
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load model {spec}: {str(e).splitlines()[0]}") from e
     return model.to(device).eval()
