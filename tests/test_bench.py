@@ -9,7 +9,7 @@ import pytest
 
 from moe_compress.benchmark import parse_variants, resolve_budgets
 from moe_compress.errors import UserError
-from test_cli_compress import assert_user_error, run_cli
+from clitools import assert_user_error, run_cli
 
 
 def _bench(monkeypatch, capsys, models, out, *extra, methods="frequency,reap,submoe[rank_ratio=0.5]"):

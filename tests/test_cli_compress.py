@@ -10,27 +10,11 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from moe_compress import cli
+from clitools import assert_user_error, run_cli
 
 
-def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """Run `moe-compress ARGS` in-process; returns (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["moe-compress", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
-def assert_user_error(code, err, pattern):
-    assert code == 2
-    lines = [l for l in err.strip().splitlines() if l.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    assert pattern in lines[0], lines[0]
 
 
 def test_random_pruning_end_to_end(monkeypatch, capsys, saved_models, tmp_path):

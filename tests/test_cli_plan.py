@@ -10,24 +10,15 @@ import pytest
 
 from moe_compress import cli
 from moe_compress.methods.base import all_methods
+from clitools import run_cli_in
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_cli(monkeypatch, capsys, cwd, *args) -> tuple[int, str, str]:
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", ["moe-compress", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_dry_run_plan_prune(monkeypatch, capsys, tmp_path, saved_models):
-    code, out, err = run_cli(monkeypatch, capsys, tmp_path, "compress", saved_models["deepseek_v3"], "--method",
+    code, out, err = run_cli_in(monkeypatch, capsys, tmp_path, "compress", saved_models["deepseek_v3"], "--method",
                              "reap", "--experts", 4, "--calib", "builtin:demo", "--n-samples", 16, "--seq-len", 64,
                              "--out", "out", "--dry-run")
     assert code == 0, err
@@ -48,7 +39,7 @@ def test_dry_run_plan_prune(monkeypatch, capsys, tmp_path, saved_models):
 def test_dry_run_plan_merge_and_numbers(monkeypatch, capsys, tmp_path, saved_models):
     from transformers import AutoModelForCausalLM
 
-    code, out, err = run_cli(monkeypatch, capsys, tmp_path, "compress", saved_models["mixtral"], "--method",
+    code, out, err = run_cli_in(monkeypatch, capsys, tmp_path, "compress", saved_models["mixtral"], "--method",
                              "hcsmoe", "--ratio", 0.5, "--calib", "builtin:demo", "--out", "out", "--dry-run",
                              "--dtype", "bfloat16")
     assert code == 0, err
@@ -63,7 +54,7 @@ def test_dry_run_plan_merge_and_numbers(monkeypatch, capsys, tmp_path, saved_mod
 
 
 def test_dry_run_of_a_data_free_method(monkeypatch, capsys, tmp_path):
-    code, out, err = run_cli(monkeypatch, capsys, tmp_path, "compress", "builtin:mixtral-8e", "--method", "random",
+    code, out, err = run_cli_in(monkeypatch, capsys, tmp_path, "compress", "builtin:mixtral-8e", "--method", "random",
                              "--experts", 6, "--out", "out", "--dry-run")
     assert code == 0, err
     assert "calibration none (this method needs no data)" in out
@@ -73,7 +64,7 @@ def test_dry_run_of_a_data_free_method(monkeypatch, capsys, tmp_path):
 
 def test_dry_run_refuses_existing_nothing_but_validates(monkeypatch, capsys, tmp_path, saved_models):
     """A dry run validates the method parameters too (a misspelt parameter is an error, not ignored)."""
-    code, out, err = run_cli(monkeypatch, capsys, tmp_path, "compress", saved_models["mixtral"], "--method",
+    code, out, err = run_cli_in(monkeypatch, capsys, tmp_path, "compress", saved_models["mixtral"], "--method",
                              "hcsmoe", "--experts", 4, "--param", "linkge=single", "--out", "out", "--dry-run")
     assert code == 2 and out == ""
     assert "invalid parameter linkge" in err and "linkage" in err
@@ -81,7 +72,7 @@ def test_dry_run_refuses_existing_nothing_but_validates(monkeypatch, capsys, tmp
 
 def test_methods_table_lists_every_method_with_summary_and_parameters(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("COLUMNS", "250")
-    code, out, err = run_cli(monkeypatch, capsys, tmp_path, "methods")
+    code, out, err = run_cli_in(monkeypatch, capsys, tmp_path, "methods")
     assert code == 0, err
     for name, cls in all_methods().items():
         d = cls.describe()
@@ -111,7 +102,7 @@ def test_methods_names_is_one_name_per_line():
 ])
 def test_help_names_the_flags_the_readme_uses(monkeypatch, capsys, tmp_path, command, flags):
     monkeypatch.setenv("COLUMNS", "200")
-    code, out, err = run_cli(monkeypatch, capsys, tmp_path, command, "--help")
+    code, out, err = run_cli_in(monkeypatch, capsys, tmp_path, command, "--help")
     assert code == 0, err
     for flag in flags:
         assert flag in out, f"{command} --help lacks {flag}"

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -32,6 +31,7 @@ from moe_compress.models.surgery import keep_set, write_block
 from moe_compress.models.tiny import tiny_model
 from moe_compress.pipeline import plan_and_apply
 from moe_compress.recipe import Recipe
+from clitools import run_cli
 
 SCORE_METHODS = {"frequency": "frequency", "soft-count": "soft_count", "ean": "ean", "reap": "reap"}
 PRUNING_METHODS = ["frequency", "soft-count", "ean", "reap", "naee", "random"]
@@ -421,16 +421,6 @@ def test_plan_apply_save_reload_every_method_and_arch(saved_models, tmp_path, ar
     _e2e_in_memory(saved_models, tmp_path, arch, method)
 
 
-def run_cli(monkeypatch, capsys, *args) -> tuple[int, str]:
-    from moe_compress import cli
-
-    monkeypatch.setattr(sys, "argv", ["moe-compress", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code or 0
-    return code, capsys.readouterr().err
 
 
 CLI_FAST = [("mixtral", m) for m in PRUNING_METHODS] + [(a, "reap") for a in ARCHS if a != "mixtral"]
@@ -441,7 +431,7 @@ def _cli_end_to_end(monkeypatch, capsys, saved_models, text_file, tmp_path, arch
     pytest.importorskip("moe_compress.calibration.data")
     n_keep = n_keep_for(arch)
     out = tmp_path / "out"
-    code, err = run_cli(monkeypatch, capsys, "compress", saved_models[arch], "--method", method, "--experts", n_keep,
+    code, _, err = run_cli(monkeypatch, capsys, "compress", saved_models[arch], "--method", method, "--experts", n_keep,
                         "--calib", text_file, "--n-samples", 4, "--seq-len", 16, "--out", out, "-q")
     assert code == 0, err
     manifest = json.loads((out / "compression.json").read_text())
@@ -472,13 +462,13 @@ def test_compress_command_every_method_and_arch(monkeypatch, capsys, saved_model
 def test_compress_command_ratio_and_no_protect_super(monkeypatch, capsys, saved_models, text_file, tmp_path):
     pytest.importorskip("moe_compress.calibration.data")
     common = ("--calib", text_file, "--n-samples", 4, "--seq-len", 16, "-q")
-    code, err = run_cli(monkeypatch, capsys, "compress", saved_models["deepseek_v3"], "--method", "ean",
+    code, _, err = run_cli(monkeypatch, capsys, "compress", saved_models["deepseek_v3"], "--method", "ean",
                         "--ratio", 0.5, "--out", tmp_path / "a", *common)
     assert code == 0, err
     manifest = json.loads((tmp_path / "a" / "compression.json").read_text())
     assert manifest["experts"] == {"original": 8, "kept": 4} and manifest["recipe"]["ratio"] == 0.5
     assert manifest["method"]["params"]["protect_super"] is True
-    code, err = run_cli(monkeypatch, capsys, "compress", saved_models["olmoe"], "--method", "reap", "--ratio", 0.25,
+    code, _, err = run_cli(monkeypatch, capsys, "compress", saved_models["olmoe"], "--method", "reap", "--ratio", 0.25,
                         "--no-protect-super", "--out", tmp_path / "b", *common)
     assert code == 0, err
     manifest = json.loads((tmp_path / "b" / "compression.json").read_text())

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moe_compress import cli
 from moe_compress.methods.base import all_methods
 from moe_compress.recipe import build_recipe, load_recipe_file
+from clitools import run_cli_in
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -32,16 +32,6 @@ HUB_CONFIGS = {
 }
 
 
-def run_cli(monkeypatch, capsys, cwd, *args) -> tuple[int, str, str]:
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", ["moe-compress", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_there_are_recipes_for_every_method_and_the_named_hub_models():
@@ -69,7 +59,7 @@ def test_recipe_validates(path):
 def test_testbed_recipe_dry_run(monkeypatch, capsys, tmp_path, path):
     """From the repository root, as the recipe header says; nothing is written."""
     before = set(ROOT.iterdir())
-    code, out, err = run_cli(monkeypatch, capsys, ROOT, "compress", "--recipe", path.relative_to(ROOT), "--dry-run")
+    code, out, err = run_cli_in(monkeypatch, capsys, ROOT, "compress", "--recipe", path.relative_to(ROOT), "--dry-run")
     assert code == 0, err
     data = load_recipe_file(path)
     assert f"plan (dry run, nothing written): {data['model']} -> {data['output']}" in out
@@ -86,7 +76,7 @@ def test_hub_recipe_dry_run_on_its_config(monkeypatch, capsys, tmp_path, path):
     data = load_recipe_file(path)
     model_type, layout = HUB_CONFIGS[data["model"]]
     tiny_config(model_type, **layout).save_pretrained(tmp_path / "config")
-    code, out, err = run_cli(monkeypatch, capsys, tmp_path, "compress", "--recipe", path, "--set",
+    code, out, err = run_cli_in(monkeypatch, capsys, tmp_path, "compress", "--recipe", path, "--set",
                              f"model={tmp_path / 'config'}", "--dry-run")
     assert code == 0, err
     n_orig = next(v for k, v in layout.items() if k != "num_experts_per_tok" and "expert" in k)

@@ -17,6 +17,7 @@ from moe_compress.calibration.observers import ROUTED_STATS
 from moe_compress.calibration.runner import run_layers
 from moe_compress.models.registry import get_adapter
 from moe_compress.models.tiny import tiny_model
+from clitools import assert_user_error, run_cli
 
 ALL_STATS = ROUTED_STATS + ("output_similarity", "expert_output_mean", "router_similarity", "input_moment",
                             "input_moment_all", "frequency_by_domain")
@@ -362,25 +363,8 @@ def test_bounded_memory_resident_set(tmp_path):
 
 # -- the analyze command ------------------------------------------------------------------------------------------
 
-def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    from moe_compress import cli
-
-    monkeypatch.setattr(sys, "argv", ["moe-compress", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
-def assert_user_error(code, err, pattern):
-    assert code == 2, err
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    assert pattern in lines[0], lines[0]
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from moe_compress.errors import UserError
 from moe_compress.pipeline import compress
 from moe_compress.recipe import build_recipe
 from moe_compress.streaming import compress_streaming, parse_size, plan_memory
+from clitools import run_cli
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -254,17 +255,6 @@ def test_two_processes_equal_one(method, mode, saved_models, text_file, tmp_path
     assert (logits(one, ids) - logits(two, ids)).abs().max() <= 1e-5
 
 
-def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    from moe_compress import cli
-
-    monkeypatch.setattr(sys, "argv", ["moe-compress", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_cli_max_gpu_memory(monkeypatch, capsys, saved_models, text_file, tmp_path):

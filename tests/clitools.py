@@ -1,0 +1,35 @@
+"""Driving `moe-compress` in-process, as the console script does (shared by the CLI-facing tests)."""
+
+from __future__ import annotations
+
+import sys
+
+from moe_compress import cli
+
+
+def run_cli(monkeypatch, capsys, *args, cwd=None) -> tuple[int, str, str]:
+    """Run `moe-compress ARGS` (in ``cwd`` if given) through `cli.main`; returns (exit code, stdout, stderr)."""
+    if cwd is not None:
+        monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["moe-compress", *map(str, args)])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def assert_user_error(code, err, pattern):
+    """A user mistake: exit code 2, exactly one line on stderr that contains ``pattern``, no traceback."""
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert pattern in lines[0], lines[0]
+
+
+def run_cli_in(monkeypatch, capsys, cwd, *args) -> tuple[int, str, str]:
+    """`run_cli` with the working folder first (tests whose paths are relative to it)."""
+    return run_cli(monkeypatch, capsys, *args, cwd=cwd)
