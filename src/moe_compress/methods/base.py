@@ -116,5 +116,6 @@ def all_methods() -> dict[str, type[Method]]:
 
 
 def _load_builtin_methods() -> None:
-    import moe_compress.methods.merging  # noqa: F401  (registration side effects)
+    import moe_compress.methods.hybrid  # noqa: F401  (registration side effects)
+    import moe_compress.methods.merging  # noqa: F401
     import moe_compress.methods.pruning  # noqa: F401
