@@ -13,7 +13,7 @@ from moe_compress.benchmark import BenchSpec, parse_variants, run_bench
 from moe_compress.recipe import Calibration
 
 DEMO_MODEL = "builtin:mixtral-8e"
-DEMO_METHODS = "frequency,reap,hcsmoe,submoe"
+DEMO_METHODS = "frequency,reap,submoe,submoe[align=true],refit"
 SHARED_EVAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "eval"
 """The held-out corpus beside a checkout (``src/moe_compress/demo.py`` -> ``../shared/data/eval``)."""
 
