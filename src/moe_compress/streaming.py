@@ -54,7 +54,7 @@ from moe_compress.distributed import DistContext, broadcast_object, init_from_en
 from moe_compress.errors import UserError
 from moe_compress.export.card import model_card
 from moe_compress.export.shards import hub_tensors, shard_name, write_index, write_shard
-from moe_compress.export.writer import check_output_dir, copy_tokenizer, write_json
+from moe_compress.export.writer import check_output_dir, copy_tokenizer, move_into_place, write_json
 
 Progress = Callable[[str, int, int], None]
 STATE_FILE = "progress.json"
@@ -529,12 +529,6 @@ def _finish(partial: Path, out: Path, lazy, adapter, n_new: int, n_files: int, s
     for f in list(partial.glob("hidden-*.safetensors")) + [partial / STATE_FILE]:
         if f.exists():
             f.unlink()
-    if out.exists():
-        if not overwrite:
-            raise UserError(f"output folder {out} already exists; choose another --out or pass --overwrite")
-        old = out.with_name(f".{out.name}.old")
-        out.rename(old)
-        partial.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        partial.rename(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"output folder {out} already exists; choose another --out or pass --overwrite")
+    move_into_place(partial, out)

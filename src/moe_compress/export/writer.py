@@ -27,6 +27,17 @@ def check_output_dir(out: str | Path, overwrite: bool) -> Path:
     return out
 
 
+def move_into_place(finished: Path, out: Path) -> None:
+    """Rename the finished folder to ``out``; an existing ``out`` is moved aside first and removed after."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{finished.name[-8:]}")
+        out.rename(old)
+        finished.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        finished.rename(out)
+
+
 @contextmanager
 def atomic_output_dir(out: str | Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary folder beside ``out``; on success it replaces ``out``, on any error it is removed."""
@@ -35,13 +46,7 @@ def atomic_output_dir(out: str | Path, overwrite: bool) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{tmp.name[-8:]}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        move_into_place(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if is_disk_full(e):
