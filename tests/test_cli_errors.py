@@ -409,8 +409,12 @@ def test_disk_full_in_process(monkeypatch, capsys, tmp_path, saved_models, error
 
 def test_interrupted_run(work):
     """Ctrl-C in the middle of calibration: exit code 130, one line 'interrupted', nothing left behind."""
+    # enough calibration text that the layer pass takes many seconds even on a fast machine, so the signal
+    # always lands inside it (with builtin:demo a fast machine finished before the signal arrived)
+    calib = work.parent / "calib.txt"
+    calib.write_text("".join(f"Line {i}: the court held that the contract was void.\n" for i in range(60000)))
     proc = subprocess.Popen([sys.executable, "-m", "moe_compress.cli", "compress", "builtin:mixtral-8e", "--method",
-                             "frequency", "--experts", "6", "--calib", "builtin:demo", "--n-samples", "64",
+                             "frequency", "--experts", "6", "--calib", str(calib), "--n-samples", "2048",
                              "--seq-len", "256", "--out", "out"], cwd=work, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     seen = []
