@@ -416,7 +416,10 @@ def test_interrupted_run(work):
     proc = subprocess.Popen([sys.executable, "-m", "moe_compress.cli", "compress", "builtin:mixtral-8e", "--method",
                              "frequency", "--experts", "6", "--calib", str(calib), "--n-samples", "2048",
                              "--seq-len", "256", "--out", "out"], cwd=work, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            # a shell's background job inherits SIGINT ignored, and then Python installs no
+                            # KeyboardInterrupt handler: give the child the default disposition a terminal has
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     try:
         for line in proc.stderr:  # on a non-terminal the CLI names each stage as it starts
