@@ -15,8 +15,8 @@ def run_cli(monkeypatch, capsys, *args, cwd=None) -> tuple[int, str, str]:
     code = 0
     try:
         cli.main()
-    except SystemExit as e:
-        code = e.code or 0
+    except SystemExit as e:  # as the interpreter maps it: None -> 0, an int as is, anything else -> 1
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     out = capsys.readouterr()
     return code, out.out, out.err
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from transformers import AutoConfig, AutoModelForCausalLM
+from clitools import run_cli
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "COLUMNS": "200",
        "OMP_NUM_THREADS": "1"}
@@ -38,22 +39,28 @@ def run(monkeypatch, capsys):
     """``run(*args, cwd=..., real=False)``: `moe-compress ARGS` in ``cwd`` as a separate process when ``real``,
     else in this process through the same entry point (`cli.main`, same exit codes and output) to keep the suite
     fast: each test group runs its first case as a real process."""
-    from moe_compress import cli
-
     def go(*args, cwd: Path, real: bool = False) -> subprocess.CompletedProcess:
         if real:
             return moe(*args, cwd=cwd)
-        monkeypatch.chdir(cwd)
-        monkeypatch.setattr(sys, "argv", ["moe-compress", *map(str, args)])
-        code = 0
-        try:
-            cli.main()
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        captured = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+        code, out, err = run_cli(monkeypatch, capsys, *args, cwd=cwd)
+        return subprocess.CompletedProcess(args, code, out, err)
 
     return go
+
+
+def compress_with_failing_writer(monkeypatch, capsys, cwd: Path, model: Path, error: BaseException):
+    """`compress MODEL --out out` in ``cwd`` with a weights writer that leaves a partial file, then raises
+    ``error``; returns (exit code, stderr)."""
+    from moe_compress.export import writer
+
+    def failing(model, folder, max_shard_size="2GB"):
+        (Path(folder) / "model.safetensors").write_bytes(b"partial")
+        raise error
+
+    monkeypatch.setattr(writer, "save_model", failing)
+    code, _, err = run_cli(monkeypatch, capsys, "compress", model, "--method", "random", "--experts", "6",
+                           "--out", "out", "-q", cwd=cwd)
+    return code, err
 
 
 def listing(folder: Path) -> set[str]:
@@ -386,21 +393,8 @@ def test_disk_full_real_filesystem(tmp_path, saved_models):
                                                 "(os error 28)")])  # the form safetensors' Rust writer raises
 def test_disk_full_in_process(monkeypatch, capsys, tmp_path, saved_models, error):
     """Fault injection: the weights writer fails with ENOSPC half-way; one line, exit 2, nothing left."""
-    from moe_compress import cli
-    from moe_compress.export import writer
-
-    def full_disk(model, folder, max_shard_size="2GB"):
-        (Path(folder) / "model.safetensors").write_bytes(b"partial")
-        raise error
-
-    monkeypatch.setattr(writer, "save_model", full_disk)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["moe-compress", "compress", str(saved_models["mixtral"]), "--method", "random",
-                                      "--experts", "6", "--out", "out", "-q"])
-    with pytest.raises(SystemExit) as exc:
-        cli.main()
-    err = capsys.readouterr().err
-    assert exc.value.code == 2, err
+    code, err = compress_with_failing_writer(monkeypatch, capsys, tmp_path, saved_models["mixtral"], error)
+    assert code == 2, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: no space left on the device"), err
     assert "Traceback" not in err
@@ -444,21 +438,9 @@ def test_interrupted_run(work):
 
 def test_interrupted_while_writing(monkeypatch, capsys, tmp_path, saved_models):
     """Ctrl-C while the checkpoint is being written: the half-written temporary folder is removed."""
-    from moe_compress import cli
-    from moe_compress.export import writer
-
-    def interrupted(model, folder, max_shard_size="2GB"):
-        (Path(folder) / "model.safetensors").write_bytes(b"partial")
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(writer, "save_model", interrupted)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["moe-compress", "compress", str(saved_models["mixtral"]), "--method", "random",
-                                      "--experts", "6", "--out", "out", "-q"])
-    with pytest.raises(SystemExit) as exc:
-        cli.main()
-    err = capsys.readouterr().err
-    assert exc.value.code == 130, err
+    code, err = compress_with_failing_writer(monkeypatch, capsys, tmp_path, saved_models["mixtral"],
+                                             KeyboardInterrupt())
+    assert code == 130, err
     assert [line for line in err.splitlines() if line.strip()][-1].startswith("interrupted:"), err
     assert list(tmp_path.iterdir()) == []
 
