@@ -244,6 +244,8 @@ def test_experts_and_ratio_together(run, work, saved_models):
     (False, ("--method", "random", "--experts", 6, "--set", "calibration.n_sample=3"),
      "calibration.n_sample: unknown key"),
     (False, ("--method", "random", "--experts", 6, "--device", "cuda:0"), "CUDA is not available"),
+    (False, ("--method", "refit", "--experts", 6, "--calib", "builtin:demo", "--stream", "-p", "distill_steps=5"),
+     "the distillation stage needs the whole model in memory"),
 ])
 def test_compress_bad_options(run, work, saved_models, real, args, pattern):
     if "cuda:0" in args:

@@ -202,6 +202,9 @@ def _run_into(spec: BenchSpec, methods: list[tuple[Variant, Method]], folder: Pa
             for i in applier.blocks:
                 applier.apply(i, layer_stats.get(i), layer_inputs.get(i))
             applier.finish()
+            t1 = time.perf_counter()
+            refined = method.refine(model, original, get_adapter(model), calib, device=device, seed=spec.seed)
+            refine_s = {"refine": time.perf_counter() - t1} if refined is not None else {}
             export_s = _timed_export(model, folder / "checkpoints" / f"{_slug(variant.label)}-{n_new}e"
                                      if spec.save_models else None)
             model.to(device)
@@ -209,7 +212,8 @@ def _run_into(spec: BenchSpec, methods: list[tuple[Variant, Method]], folder: Pa
             res = evaluate_lm(model, windows, reference=original, batch_size=spec.eval_batch_size).to_dict()
             eval_s = time.perf_counter() - t2
             rows.append(_row(variant, method, n_orig, n_new, res, parameter_counts(model), params_orig,
-                             {"statistics": stats_s, **applier.timings, "export": export_s, "eval": eval_s}))
+                             {"statistics": stats_s, **applier.timings, **refine_s, "export": export_s,
+                              "eval": eval_s}))
             del model
             if progress:
                 progress("methods", len(rows), total)

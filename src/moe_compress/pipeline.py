@@ -6,6 +6,7 @@ it, and it never parses arguments itself.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import time
@@ -161,12 +162,18 @@ def compress(recipe: Recipe, progress: Progress | None = None, write: bool = Tru
     adapter = get_adapter(model)
     n_orig = adapter.n_experts()
     calib = calibration_set(recipe, tokenizer) if method.needs_data else None
+    teacher = copy.deepcopy(model) if method.needs_teacher else None  # the original, for `Method.refine`
     timings = {"load": time.perf_counter() - t0}
     infos, stats, stage_times = plan_and_apply(method, adapter, model, n_new, calib=calib, recipe=recipe,
                                                device=device, progress=progress)
     timings.update(stage_times)
+    t1 = time.perf_counter()
+    refined = method.refine(model, teacher, adapter, calib, device=device, seed=recipe.seed, progress=progress)
+    if refined is not None:
+        timings["refine"] = time.perf_counter() - t1
+    teacher = None
     model.to("cpu")
-    manifest = build_manifest(recipe, method, n_orig, n_new, infos, calib, timings)
+    manifest = build_manifest(recipe, method, n_orig, n_new, infos, calib, timings, refined)
     if write:
         t1 = time.perf_counter()
         source = resolve_model(recipe.model)
@@ -181,7 +188,7 @@ def _sources(s: ExpertSet) -> list[list[list]]:
 
 
 def build_manifest(recipe: Recipe, method: Method, n_orig: int, n_new: int, infos: dict[int, dict], calib,
-                   timings: dict[str, float]) -> dict:
+                   timings: dict[str, float], refined: dict | None = None) -> dict:
     """compression.json: tool version, method and parameters, per-layer provenance, calibration, timings and
     the full equivalent recipe."""
     calib_info = None
@@ -199,6 +206,7 @@ def build_manifest(recipe: Recipe, method: Method, n_orig: int, n_new: int, info
         "mode": recipe.mode,
         "seed": recipe.seed,
         "layers": {str(i): info for i, info in sorted(infos.items())},
+        **({"refine": refined} if refined is not None else {}),
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
         "recipe": recipe_dict,
         "recipe_sha256": hashlib.sha256(json.dumps(recipe_dict, sort_keys=True).encode()).hexdigest(),

@@ -322,6 +322,9 @@ def _run(recipe, ctx: DistContext, max_gpu_memory, progress, log, offload) -> St
     check_output_dir(out, recipe.overwrite)
     method = get_method(recipe.method, **recipe.params)
     require_calibration(recipe, method)
+    if method.needs_teacher:
+        raise UserError(f"method {method.name}: the distillation stage needs the whole model in memory; "
+                        "run without --stream/--max-gpu-memory/torchrun, or set distill_steps=0")
     device = pick_device(recipe.device)
     if ctx.active and device.startswith("cuda"):
         device = f"cuda:{ctx.local_rank}"

@@ -74,6 +74,17 @@ class Method:
     def plan(self, ctx: LayerContext) -> LayerPlan:
         raise NotImplementedError
 
+    @property
+    def needs_teacher(self) -> bool:
+        """True when `refine` wants the original model next to the compressed one."""
+        return False
+
+    def refine(self, student, teacher, adapter, calib, *, device, seed: int = 0, progress=None) -> dict | None:
+        """An optional stage after every MoE layer was compressed and written (``student``, in place), e.g.
+        distillation against the original model ``teacher`` on the calibration set ``calib``. Returns a
+        JSON-able record for compression.json, or None when the method has no such stage."""
+        return None
+
     def observer_options(self) -> dict[str, Any]:
         """Options for the statistic observers this method needs (e.g. a token budget)."""
         return {}
