@@ -92,11 +92,11 @@ class ReconstructionObjective:
             logits = self.logits.unsqueeze(0).expand(c, t, e).reshape(c * t, e)
             allowed = m.unsqueeze(1).expand(c, t, e).reshape(c * t, e)
             idx, w = route(logits, self.layer.rule, self.layer.correction_bias, allowed)
-            out.append(self._quadratic(idx.view(c, t, k), w.view(c, t, k).double()))
+            out.append(self._quadratic(idx.view(c, t, k), w.view(c, t, k).double()).sum(1) / t)
         return torch.cat(out) if out else torch.empty(0, dtype=torch.float64)
 
     def _quadratic(self, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """idx/w [c, T, k] masked routing -> (1/T) sum_t d_t^T G_t d_t per candidate [c].
+        """idx/w [c, T, k] masked routing -> d_t^T G_t d_t per candidate and token [c, T].
 
         d_t lives on the original top-k slots (d_o: w^S_e - w_e, chosen in both routings or dropped) and on
         the new slots (d_n: experts chosen only under the mask). The d_o part uses the precomputed G_t
@@ -105,7 +105,7 @@ class ReconstructionObjective:
         """
         match = idx.unsqueeze(-1) == self.idx0.unsqueeze(-2)                  # [c, T, k_new, k_orig]
         d_o = (match * w.unsqueeze(-1)).sum(dim=-2) - self.w0                  # [c, T, k]
-        err = torch.einsum("tab,cta,ctb->c", self.g0, d_o, d_o)
+        err = torch.einsum("tab,cta,ctb->ct", self.g0, d_o, d_o)
         new = ~match.any(dim=-1)                                               # [c, T, k]
         ci, t = torch.nonzero(new.any(dim=-1), as_tuple=True)                  # rows with a new expert
         if ci.numel():
@@ -116,8 +116,8 @@ class ReconstructionObjective:
             g_nn = self.gram[tr, i_n.unsqueeze(-1), i_n.unsqueeze(-2)]         # [R, k_new, k_new]
             rows = (2 * torch.einsum("rab,ra,rb->r", cross, d_o[ci, t], d_n)
                     + torch.einsum("rab,ra,rb->r", g_nn, d_n, d_n))
-            err.index_add_(0, ci, rows)
-        return err / self.n_tokens
+            err.index_put_((ci, t), rows, accumulate=True)
+        return err
 
 
 def _groups(n: int, n_group: int) -> list[list[int]]:
