@@ -4,7 +4,8 @@
 # on the same held-out windows).
 #
 #   bench/testbeds.sh TRAIN EVAL OUT [extra `moe-compress bench` options, e.g. --device cuda]
-#   bench/testbeds.sh ../shared/data/train ../shared/data/eval runs/testbeds --device cuda
+#   bench/testbeds.sh ../shared/data/train ../shared/data/eval runs/testbeds --device cuda   (7.5 min on one H100)
+# MODELS=... (one testbed) and OURS=... (another list of our variants) override the defaults.
 set -euo pipefail
 [ $# -ge 3 ] || { echo "usage: $0 TRAIN EVAL OUT [bench options]" >&2; exit 2; }
 train=$1 eval=$2 out=$3
@@ -13,9 +14,9 @@ shift 3
 pruning="frequency,soft-count,ean,reap,naee,random"
 merging="msmoe,hcsmoe,submoe"
 submoe_switches="submoe[align=true],submoe[rank_ratio=0.5],submoe[whiten=true,rank_ratio=0.5],submoe[router=lstsq],submoe[clustering=hierarchical]"
-ours="refit,refit[select=naee],refit[router_steps=100],refit[tune_steps=300,tune_batch=2048]"
+ours=${OURS:-"refit,refit[select=naee],refit[select=naee,distill_steps=400],refit[select=naee,refit_down=false,distill_steps=400]"}
 
 ${MOE_COMPRESS:-moe-compress} bench ${MODELS:-builtin:mixtral-8e builtin:deepseek-fine} \
   --methods "$pruning,$merging,$submoe_switches,$ours" \
-  --ratio 0.25,0.5 --calib "$train" --n-samples 128 --seq-len 512 \
+  --ratio 0.25,0.5 --calib "$train" --n-samples 1024 --seq-len 512 \
   --data "$eval" --eval-seq-len 512 --max-windows 32 --batch-size 16 --seed 0 --out "$out" "$@"
