@@ -27,7 +27,8 @@ def count_parameters(config) -> tuple[int, int, list[int]]:
     return total, per_expert, list(adapter.moe_blocks(model))
 
 
-def _bytes(n: float) -> str:
+def fmt_bytes(n: float) -> str:
+    """A size for people: 1.50 GiB, 12.00 MiB, 3.0 KiB."""
     for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
         if n >= size:
             return f"{n / size:.2f} {unit}"
@@ -87,7 +88,7 @@ def describe_plan(recipe: Recipe) -> str:
         f"  MoE layers  {len(moe_layers)} of {config.num_hidden_layers} (layers {_ranges(sorted(moe_layers))}): "
         f"{change}; top-{top_k} routing ({adapter.rule().kind}); shared experts untouched",
         f"  parameters  {total / 1e6:.2f}M -> {after / 1e6:.2f}M ({100 * (1 - after / total):.1f}% fewer); "
-        f"weights {_bytes(total * bytes_per)} -> {_bytes(after * bytes_per)} at {bytes_per} bytes per parameter",
+        f"weights {fmt_bytes(total * bytes_per)} -> {fmt_bytes(after * bytes_per)} at {bytes_per} bytes per parameter",
     ]
     if cls.needs_data:
         tokens = c.n_samples * c.seq_len
@@ -100,9 +101,9 @@ def describe_plan(recipe: Recipe) -> str:
                      f"{CPU_FLOPS / 1e12:.1f} TFLOP/s; loading the weights and planning come on top")
     else:
         lines.append("  calibration none (this method needs no data)")
-        lines.append(f"  time        loading and writing {_bytes(total * bytes_per)} of weights, plus planning "
+        lines.append(f"  time        loading and writing {fmt_bytes(total * bytes_per)} of weights, plus planning "
                      "(seconds per layer)")
-    layer_bytes = _bytes(per_expert * n_orig * bytes_per)
+    layer_bytes = fmt_bytes(per_expert * n_orig * bytes_per)
     lines.append(f"  memory      device: about one decoder layer ({layer_bytes} of routed experts) plus the "
-                 f"activations of one batch; CPU: the whole model ({_bytes(total * bytes_per)})")
+                 f"activations of one batch; CPU: the whole model ({fmt_bytes(total * bytes_per)})")
     return "\n".join(lines)

@@ -55,6 +55,7 @@ from moe_compress.errors import UserError
 from moe_compress.export.card import model_card
 from moe_compress.export.shards import hub_tensors, shard_name, write_index, write_shard
 from moe_compress.export.writer import check_output_dir, copy_tokenizer, move_into_place, write_json
+from moe_compress.plan import fmt_bytes
 
 Progress = Callable[[str, int, int], None]
 STATE_FILE = "progress.json"
@@ -75,10 +76,6 @@ def parse_size(text: str | int | float) -> int:
     if value <= 0:
         raise UserError(f"memory size {text!r} must be positive")
     return value
-
-
-def fmt_bytes(n: float) -> str:
-    return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"
 
 
 # -- memory planning ---------------------------------------------------------------------------------------------
