@@ -17,7 +17,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from moe_compress.methods.hybrid.distill import distill, kl_per_token, trainable_parameters
+from moe_compress.evaluation.metrics import token_kl
+from moe_compress.methods.hybrid.distill import distill, float_tensors, trainable_parameters
 from moe_compress.models.registry import get_adapter
 from moe_compress.models.surgery import keep_set, write_block
 from moe_compress.models.tiny import tiny_model
@@ -45,10 +46,10 @@ def pruned_pair(arch="mixtral", keep=4):
     return teacher, student, adapter
 
 
-def test_kl_per_token_is_zero_on_itself_and_positive_otherwise():
-    a, b = torch.randn(5, 11), torch.randn(5, 11)
-    assert torch.allclose(kl_per_token(a, a), torch.zeros(5), atol=1e-6)
-    assert bool((kl_per_token(a, b) > 0).all())
+def test_token_kl_is_zero_on_itself_and_positive_otherwise():
+    a, b = torch.randn(5, 11).log_softmax(-1), torch.randn(5, 11).log_softmax(-1)
+    assert torch.allclose(token_kl(a, a), torch.zeros(5), atol=1e-6)
+    assert bool((token_kl(a, b) > 0).all())
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
@@ -72,15 +73,21 @@ def test_no_useful_step_keeps_the_start():
         assert torch.equal(v, before[k]), k
 
 
-def test_moe_params_only_and_dtype_kept():
+def test_moe_params_only_and_dtypes_kept():
     teacher, student, adapter = pruned_pair("deepseek_v3")
     student.to(torch.bfloat16)
     teacher.to(torch.bfloat16)
+    kept_fp32 = [t for name, t in float_tensors(student).items() if name.endswith("e_score_correction_bias")]
+    assert kept_fp32  # as transformers keeps DeepSeek-V3's correction bias: fp32 inside a bf16 model
+    for t in kept_fp32:
+        t.data = t.data.float()
     before = {k: v.clone() for k, v in student.state_dict().items()}
     trained = set(trainable_parameters(student, adapter, "moe"))
     assert trained and all(".mlp." in k for k in trained)
+    dtypes = {name: t.dtype for name, t in float_tensors(student).items()}
     distill(student, teacher, adapter, rows(), None, steps=10, lr=3e-3, batch_rows=4, every=2)
-    assert all(p.dtype == torch.bfloat16 for p in student.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in student.parameters() if p.dtype != torch.float32)
+    assert {name: t.dtype for name, t in float_tensors(student).items()} == dtypes
     changed = {k for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and changed <= trained
 

@@ -122,6 +122,11 @@ def _check_windows(windows: Mapping[str, torch.Tensor], vocab: int) -> None:
                             "were they tokenised with another tokenizer?")
 
 
+def token_kl(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    """[N, V] log-probabilities of the reference and of the model -> [N] KL(reference || model) in nats."""
+    return (ref_logprobs.exp() * (ref_logprobs - logprobs)).sum(-1)
+
+
 def _score_batch(logits: torch.Tensor, targets: torch.Tensor, ref_logits: torch.Tensor | None) -> _Sums:
     """Sums over the predicted positions of one batch.
 
@@ -144,7 +149,7 @@ def _score_batch(logits: torch.Tensor, targets: torch.Tensor, ref_logits: torch.
             if ref_logits is not None:
                 lq = torch.log_softmax(ref_logits[b, s:e].float(), dim=-1)
                 nll_ref.append(-lq.gather(-1, t).squeeze(-1))
-                kl.append((lq.exp() * (lq - lp)).sum(-1))
+                kl.append(token_kl(lq, lp))
                 agree.append(lp.argmax(-1) == lq.argmax(-1))
             del lp
     sums = _Sums(tokens=targets.numel(), nll=_fp64_sum(nll))

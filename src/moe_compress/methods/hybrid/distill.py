@@ -24,6 +24,8 @@ from typing import Callable, Literal
 
 import torch
 
+from moe_compress.evaluation.metrics import token_kl
+
 Progress = Callable[[str, int, int], None]
 
 
@@ -40,11 +42,9 @@ def trainable_parameters(model, adapter, which: Literal["moe", "all"]) -> dict[s
     return {n: p for n, p in model.named_parameters() if id(p) not in skip}
 
 
-def kl_per_token(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-    """[N, V] logits of both models -> [N] KL(teacher || student) in nats (fp32)."""
-    lt = teacher_logits.float().log_softmax(-1)
-    ls = student_logits.float().log_softmax(-1)
-    return (lt.exp() * (lt - ls)).sum(-1)
+def float_tensors(model) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``model`` by name (what ``model.to(dtype)`` converts, and more)."""
+    return {**dict(model.named_buffers()), **dict(model.named_parameters())}
 
 
 def distill(student, teacher, adapter, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *,
@@ -53,8 +53,8 @@ def distill(student, teacher, adapter, input_ids: torch.Tensor, attention_mask: 
             progress: Progress | None = None) -> dict:
     """Train ``student`` in place towards ``teacher`` on calibration rows input_ids [N, L] (mask [N, L]).
 
-    Both models are moved to ``device``; the student is trained in fp32 and returned in its dtype (fp32 -> bf16
-    is exact for the tensors that were not trained). Returns a JSON-able record: steps, trainable parameters,
+    Both models are moved to ``device``; the student is trained in fp32 and every tensor is returned in its own
+    dtype (exact for the tensors that were not trained). Returns a JSON-able record: steps, trainable parameters,
     held-out KL at the start and at the kept iterate (``heldout_kl``), the step kept, rows used for training /
     held out, seconds.
     """
@@ -69,7 +69,7 @@ def distill(student, teacher, adapter, input_ids: torch.Tensor, attention_mask: 
     if not n_hold:
         held_rows = train_rows
 
-    dtype = next(student.parameters()).dtype
+    dtypes = {name: t.dtype for name, t in float_tensors(student).items()}
     student.to(device=device, dtype=torch.float32)
     teacher.to(device)
     named = trainable_parameters(student, adapter, params)
@@ -89,7 +89,7 @@ def distill(student, teacher, adapter, input_ids: torch.Tensor, attention_mask: 
         with torch.set_grad_enabled(grad):
             s_logits = student(input_ids=ids, attention_mask=m).logits
             real = m.bool()
-            return kl_per_token(t_logits[real], s_logits[real]).mean()
+            return token_kl(t_logits[real].float().log_softmax(-1), s_logits[real].float().log_softmax(-1)).mean()
 
     def held_kl() -> float:
         total, count = 0.0, 0
@@ -119,7 +119,8 @@ def distill(student, teacher, adapter, input_ids: torch.Tensor, attention_mask: 
         for name, p in named.items():
             p.copy_(best_state[name])
             p.requires_grad_(False)
-    student.to(dtype)
+        for name, t in float_tensors(student).items():  # back to each tensor's own dtype (fp32 -> bf16 exact)
+            t.data = t.data.to(dtypes[name])
     return {"steps": steps, "params": params, "trainable": int(sum(p.numel() for p in named.values())),
             "lr": lr, "batch_rows": batch_rows, "train_rows": int(train_rows.numel()), "heldout_rows": int(n_hold),
             "heldout_kl": [round(start, 6), round(best, 6)], "kept_step": best_step,
