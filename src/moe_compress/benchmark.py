@@ -203,7 +203,7 @@ def _run_into(spec: BenchSpec, methods: list[tuple[Variant, Method]], folder: Pa
                 applier.apply(i, layer_stats.get(i), layer_inputs.get(i))
             applier.finish()
             t1 = time.perf_counter()
-            refined = method.refine(model, original, get_adapter(model), calib, device=device, seed=spec.seed)
+            refined = method.refine(model, original, applier.adapter, calib, device=device, seed=spec.seed)
             refine_s = {"refine": time.perf_counter() - t1} if refined is not None else {}
             export_s = _timed_export(model, folder / "checkpoints" / f"{_slug(variant.label)}-{n_new}e"
                                      if spec.save_models else None)

@@ -58,6 +58,7 @@ from pydantic import Field
 
 from moe_compress.errors import UserError
 from moe_compress.methods.base import LayerContext, LayerPlan, Method, get_method, register
+from moe_compress.methods.hybrid.distill import distill
 from moe_compress.methods.pruning.base import PruneParams, check_target, rounded
 from moe_compress.models.layer import ExpertSet, ExpertWeights, MoELayer, expert_forward
 from moe_compress.models.routing import route
@@ -382,8 +383,6 @@ class Refit(Method):
         p = self.params
         if not p.distill_steps:
             return None
-        from moe_compress.methods.hybrid.distill import distill
-
         return distill(student, teacher, adapter, calib.input_ids, calib.attention_mask, params=p.distill_params,
                        steps=p.distill_steps, lr=p.distill_lr, batch_rows=p.distill_batch, every=p.distill_every,
                        seed=seed, device=device, progress=progress)
