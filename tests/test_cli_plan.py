@@ -53,6 +53,18 @@ def test_dry_run_plan_merge_and_numbers(monkeypatch, capsys, tmp_path, saved_mod
     assert list(tmp_path.iterdir()) == []
 
 
+def test_dry_run_names_the_memory_of_distillation(monkeypatch, capsys, tmp_path, saved_models):
+    args = ("compress", saved_models["mixtral"], "--method", "refit", "--experts", 4, "--calib", "builtin:demo",
+            "--out", "out", "--dry-run")
+    code, out, err = run_cli_in(monkeypatch, capsys, tmp_path, *args)
+    assert code == 0, err
+    assert "distillation" not in out
+    code, out, err = run_cli_in(monkeypatch, capsys, tmp_path, *args, "--param", "distill_steps=10")
+    assert code == 0, err
+    assert "then        distillation: the device holds the original" in out
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_dry_run_of_a_data_free_method(monkeypatch, capsys, tmp_path):
     code, out, err = run_cli_in(monkeypatch, capsys, tmp_path, "compress", "builtin:mixtral-8e", "--method", "random",
                              "--experts", 6, "--out", "out", "--dry-run")

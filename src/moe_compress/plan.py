@@ -62,7 +62,7 @@ def describe_plan(recipe: Recipe) -> str:
     """A few lines: layers, experts kept or merged, parameters and weight memory before/after, peak memory,
     calibration size and a rough time estimate (from the config alone; nothing is loaded or written)."""
     cls = method_class(recipe.method)
-    cls(**recipe.params)  # validates the parameters
+    method = cls(**recipe.params)  # validates the parameters
     config = load_config(recipe.model, recipe.trust_remote_code)
     adapter = get_adapter(config)
     n_orig = adapter.n_experts()
@@ -106,4 +106,8 @@ def describe_plan(recipe: Recipe) -> str:
     layer_bytes = fmt_bytes(per_expert * n_orig * bytes_per)
     lines.append(f"  memory      device: about one decoder layer ({layer_bytes} of routed experts) plus the "
                  f"activations of one batch; CPU: the whole model ({fmt_bytes(total * bytes_per)})")
+    if method.needs_teacher:  # `Method.refine`: the original beside the compressed model, trained in fp32
+        lines.append(f"  then        distillation: the device holds the original ({fmt_bytes(total * bytes_per)}) "
+                     f"and the compressed model in fp32 ({fmt_bytes(after * 4)}), plus gradients and Adam state "
+                     "of the trained tensors (up to 3x their fp32 size) and one batch's activations")
     return "\n".join(lines)
