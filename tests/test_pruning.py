@@ -307,6 +307,70 @@ def test_naee_token_budget_is_seeded():
         method.plan(LayerContext(layer, 4, stats, None))
 
 
+def test_runner_hands_each_token_its_domain():
+    model = tiny_model("qwen3_moe")
+    x = ids(4, 16)
+    mask = torch.ones_like(x)
+    mask[1, 10:] = 0  # padding is not a token
+    domains = torch.tensor([2, 0, 1, 0])
+    got = {}
+
+    def on_layer(run):
+        if run.observer is not None:
+            got[run.index] = (run.moe_inputs, run.moe_domains)
+
+    run_layers(model, get_adapter(model), x, mask, on_layer=on_layer, keep_moe_inputs=True, domains=domains)
+    expected = domains.repeat_interleave(16)[mask.reshape(-1).bool()]
+    for h, dom in got.values():
+        assert h.shape[0] == dom.shape[0] == int(mask.sum())
+        assert torch.equal(dom, expected)
+    run_layers(model, get_adapter(model), x, mask, on_layer=on_layer, keep_moe_inputs=True)
+    assert all(dom is None for _, dom in got.values())
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
+def test_naee_domain_balance_is_the_mean_regret(arch):
+    """balance=domains: the kept set minimises mean_d err_d(S) / min_S' err_d(S'), every err_d from physically
+    pruned blocks on domain d's tokens."""
+    model = tiny_model(arch)
+    first, stats, h = first_moe_inputs(model, ids(4, 24))
+    layer = get_adapter(model).layer(model, first)
+    n, n_group = layer.n_experts, layer.rule.n_group
+    n_keep = 4
+    dom = (torch.arange(h.shape[0]) >= h.shape[0] // 3).long() * 3  # two domains (ids 0 and 3), 1/3 and 2/3
+    subsets = feasible_subsets(n, n_keep, n_group)
+    per = torch.stack([brute_subset_errors(model, first, h[dom == d], subsets) for d in (0, 3)], 1)  # [S, 2]
+    regret = per / per.min(0).values
+    best = int(torch.argmin(regret.mean(1)))
+    assert torch.sort(regret.mean(1)).values[1] > regret.mean(1)[best] * (1 + 1e-4)
+    info = get_method("naee", balance="domains").plan(LayerContext(layer, n_keep, stats, h, None, dom)).info
+    assert info["kept"] == list(subsets[best]) and info["balance"] == "domains" and info["domains"] == [0, 3]
+    torch.testing.assert_close(torch.tensor(info["domain_optima"], dtype=torch.float64), per.min(0).values,
+                               rtol=1e-4, atol=1e-12)
+    torch.testing.assert_close(torch.tensor(info["domain_regret"], dtype=torch.float64), regret[best], rtol=1e-4,
+                               atol=1e-9)
+
+
+def test_naee_domain_balance_with_one_domain_is_the_plain_objective():
+    model = tiny_model("mixtral")
+    first, stats, h = first_moe_inputs(model, ids(3, 24))
+    layer = get_adapter(model).layer(model, first)
+    plain = get_method("naee").plan(LayerContext(layer, 4, stats, h)).info
+    one = get_method("naee", balance="domains").plan(
+        LayerContext(layer, 4, stats, h, None, torch.full((h.shape[0],), 2))).info
+    assert one == plain
+
+
+def test_compress_hands_calibration_domains_to_the_method():
+    model = tiny_model("deepseek_v3")
+    x = ids(6, 24)
+    recipe = Recipe(model="tiny", method="naee", experts=4, output="unused", params={"balance": "domains"})
+    calib = SimpleNamespace(input_ids=x, attention_mask=None, domains=["code", "wiki", "code", "wiki", "law", "law"])
+    infos, _, _ = plan_and_apply(get_method("naee", balance="domains"), get_adapter(model), model, 4, calib=calib,
+                                 recipe=recipe, device="cpu")
+    assert all(i["balance"] == "domains" and i["domains"] == [0, 1, 2] for i in infos.values())
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # DeepSeek groups, sequential mode, budgets
 # ---------------------------------------------------------------------------------------------------------------

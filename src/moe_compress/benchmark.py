@@ -154,6 +154,7 @@ def run_benches(specs: list[BenchSpec], out: str | Path, overwrite: bool = False
 
 def _run_into(spec: BenchSpec, methods: list[tuple[Variant, Method]], folder: Path,
               progress: Progress | None) -> list[dict]:
+    from moe_compress.calibration.collect import row_domains
     from moe_compress.calibration.data import build_calibration
     from moe_compress.evaluation.metrics import evaluate_lm, parameter_counts
 
@@ -177,18 +178,20 @@ def _run_into(spec: BenchSpec, methods: list[tuple[Variant, Method]], folder: Pa
     keep_inputs = any(m.needs_inputs for _, m in methods)
     layer_stats: dict[int, dict[str, torch.Tensor]] = {}
     layer_inputs: dict[int, torch.Tensor] = {}
+    layer_domains: dict[int, torch.Tensor | None] = {}
 
     def on_layer(run: LayerRun) -> bool:
         if run.observer is not None:
             layer_stats[run.index] = {k: v.float() for k, v in run.observer.results().items()}
             if run.moe_inputs is not None:
-                layer_inputs[run.index] = run.moe_inputs
+                layer_inputs[run.index], layer_domains[run.index] = run.moe_inputs, run.moe_domains
         return False
 
     t0 = time.perf_counter()
+    domains, _ = row_domains(getattr(calib, "domains", None), int(calib.input_ids.shape[0]))
     run_layers(original, adapter, calib.input_ids, calib.attention_mask, on_layer=on_layer, device=device,
                batch_size=c.batch_size, keep_moe_inputs=keep_inputs, stats=tuple(needs), observer_options=options,
-               progress=progress)
+               progress=progress, domains=domains)
     stats_s = time.perf_counter() - t0
     original.to(device)
     params_orig = parameter_counts(original)
@@ -200,7 +203,7 @@ def _run_into(spec: BenchSpec, methods: list[tuple[Variant, Method]], folder: Pa
             model = copy.deepcopy(original).to("cpu")
             applier = MethodApplier(method, get_adapter(model), model, n_new, spec.seed)
             for i in applier.blocks:
-                applier.apply(i, layer_stats.get(i), layer_inputs.get(i))
+                applier.apply(i, layer_stats.get(i), layer_inputs.get(i), layer_domains.get(i))
             applier.finish()
             t1 = time.perf_counter()
             refined = method.refine(model, original, applier.adapter, calib, device=device, seed=spec.seed)

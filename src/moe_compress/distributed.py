@@ -143,6 +143,9 @@ def reduce_observer(ctx: DistContext, observer, capture=None, local_batches: lis
             elif attr == "count" and isinstance(value, int):
                 obs.count = int(all_reduce_(ctx, torch.tensor([value], dtype=torch.float64)).item())
     if capture is not None:
-        mine = list(zip(local_batches or [], capture.chunks))
-        every = sorted(((b, c) for part in all_gather_object(ctx, mine) for b, c in part), key=lambda x: x[0])
-        capture.chunks = [c for _, c in every]
+        doms = capture.domain_chunks if capture.domain_chunks is not None else [None] * len(capture.chunks)
+        mine = list(zip(local_batches or [], capture.chunks, doms))
+        every = sorted((t for part in all_gather_object(ctx, mine) for t in part), key=lambda x: x[0])
+        capture.chunks = [c for _, c, _ in every]
+        gathered = [d for _, _, d in every]
+        capture.domain_chunks = None if any(d is None for d in gathered) else gathered

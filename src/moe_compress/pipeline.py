@@ -92,11 +92,12 @@ class MethodApplier:
         self.timings = {"planning": 0.0, "surgery": 0.0}
 
     def apply(self, index: int, stats: dict[str, torch.Tensor] | None = None,
-              inputs: torch.Tensor | None = None) -> None:
-        """Plan layer ``index`` from its statistics (and MoE inputs [T, H]) and write the result."""
+              inputs: torch.Tensor | None = None, input_domains: torch.Tensor | None = None) -> None:
+        """Plan layer ``index`` from its statistics (and MoE inputs [T, H], their domain ids [T]) and write the
+        result."""
         block = self.blocks[index]
         ctx = LayerContext(self.adapter.layer(self.model, index, block), self.n_new, stats or {}, inputs,
-                           self.generator)
+                           self.generator, input_domains)
         t0 = time.perf_counter()
         plan = self.method.plan(ctx)
         t1 = time.perf_counter()
@@ -134,7 +135,7 @@ def plan_and_apply(method: Method, adapter, model, n_new: int, *, calib=None, re
             if run.observer is None:
                 return False
             stats.layers[run.index] = {k: v.float() for k, v in run.observer.results().items()}
-            applier.apply(run.index, stats.layers[run.index], run.moe_inputs)
+            applier.apply(run.index, stats.layers[run.index], run.moe_inputs, run.moe_domains)
             return True
 
         domains, _ = row_domains(getattr(calib, "domains", None), int(calib.input_ids.shape[0]))

@@ -449,7 +449,8 @@ def _run(recipe, ctx: DistContext, max_gpu_memory, progress, log, offload) -> St
                 applier.apply(i)
             else:
                 stats = {k: v.float() for k, v in observer.results().items()}
-                applier.apply(i, stats, None if capture is None else capture.inputs())
+                applier.apply(i, stats, None if capture is None else capture.inputs(),
+                              None if capture is None else capture.domains())
                 if recipe.mode == "sequential":
                     outputs = _forward(layer, hidden, calls[i], masks, None, device, offload, domains, offsets,
                                        progress)

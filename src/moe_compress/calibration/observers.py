@@ -72,19 +72,30 @@ def register_observer(cls: type[LayerObserver]) -> type[LayerObserver]:
 
 
 class InputCapture(LayerObserver):
-    """Keeps the MoE block's inputs of real tokens ([T, H] in total, from `inputs`) on ``offload_device``.
-    Not a statistic: `result` is empty."""
+    """Keeps the MoE block's inputs of real tokens ([T, H] in total, from `inputs`) on ``offload_device``, and
+    their domain ids ([T] int64, from `domains`; None when the runner had no domains). Not a statistic:
+    `result` is empty."""
 
     def __init__(self, layer: MoELayer, offload_device="cpu", **options):
         super().__init__(layer, **options)
         self.offload_device = offload_device
         self.chunks: list[torch.Tensor] = []
+        self.domain_chunks: list[torch.Tensor] | None = []
 
     def update(self, hidden, idx, weights, mask):
         self.chunks.append(hidden[mask].detach().to(self.offload_device))
+        if self.token_domain is None:
+            self.domain_chunks = None
+        elif self.domain_chunks is not None:
+            self.domain_chunks.append(self.token_domain[mask].to(self.offload_device))
 
     def inputs(self) -> torch.Tensor:
         return torch.cat(self.chunks) if self.chunks else torch.empty(0, self.layer.router_weight.shape[1])
+
+    def domains(self) -> torch.Tensor | None:
+        if not self.chunks or self.domain_chunks is None:
+            return None
+        return torch.cat(self.domain_chunks)
 
     def result(self):
         return {}

@@ -36,13 +36,15 @@ class LayerRun:
 
     observer: the statistics observer of an MoE layer (None for dense layers; ``observer.results()`` gives
     every statistic); moe_inputs: the MoE block's input hidden states of real tokens [T, H] (only if
-    ``keep_moe_inputs``).
+    ``keep_moe_inputs``); moe_domains: their calibration domain ids [T] int64 (with ``keep_moe_inputs`` and
+    ``domains``; else None).
     """
 
     index: int
     layer: torch.nn.Module
     observer: ObservedExperts | None
     moe_inputs: torch.Tensor | None
+    moe_domains: torch.Tensor | None = None
 
 
 class LayerSource:
@@ -166,7 +168,8 @@ def run_layers(
             observer.remove()
         changed = False
         if on_layer is not None:
-            run = LayerRun(i, layer, observer, None if capture is None else capture.inputs())
+            run = LayerRun(i, layer, observer, None if capture is None else capture.inputs(),
+                           None if capture is None else capture.domains())
             changed = bool(on_layer(run))
         if changed and mode == "sequential":
             outputs = _forward_batches(layer, hidden, per_layer_inputs[i], token_masks, None, device,

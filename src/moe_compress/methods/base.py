@@ -31,7 +31,9 @@ class LayerContext:
 
     stats: {name: tensor} for this layer (e.g. frequency [E], output_similarity [E, E]);
     inputs: the MoE block's inputs on real calibration tokens [T, H], if the method set ``needs_inputs``;
-    generator: seeded, for any randomness.
+    generator: seeded, for any randomness;
+    input_domains: the calibration domain id of each of those tokens [T] int64, when the calibration rows had
+    domains (else None).
     """
 
     layer: MoELayer
@@ -39,6 +41,7 @@ class LayerContext:
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
     inputs: torch.Tensor | None = None
     generator: torch.Generator | None = None
+    input_domains: torch.Tensor | None = None
 
 
 @dataclass

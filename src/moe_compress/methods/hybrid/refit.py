@@ -56,6 +56,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from moe_compress.calibration.collect import row_domains
 from moe_compress.errors import UserError
 from moe_compress.methods.base import LayerContext, LayerPlan, Method, get_method, register
 from moe_compress.methods.hybrid.distill import distill
@@ -356,6 +357,7 @@ class Refit(Method):
     class Params(PruneParams):
         select: Selection = "reap"                   # how the kept set is chosen (measured best: reap)
         select_tokens: int = Field(4096, ge=1)       # naee: calibration tokens for the search
+        select_balance: Literal["tokens", "domains"] = "tokens"  # naee: domains = per-domain regret (naee.py)
         fit_tokens: int = Field(16384, ge=16)        # tokens for the re-fits (evenly subsampled)
         holdout: float = Field(0.15, ge=0.0, lt=0.9)  # share of the fit tokens held out (ridge choice, diagnostics)
         router_steps: int = Field(0, ge=0)           # Adam steps of the router re-fit (0: off)
@@ -373,6 +375,7 @@ class Refit(Method):
         distill_lr: float = Field(3e-4, gt=0.0)      # Adam step size
         distill_batch: int = Field(8, ge=1)          # calibration rows per step
         distill_every: int = Field(25, ge=1)         # held-out check interval (steps)
+        distill_balance: Literal["tokens", "domains"] = "tokens"  # domains: geometric mean of per-domain KL
 
     @property
     def needs_teacher(self) -> bool:
@@ -383,15 +386,18 @@ class Refit(Method):
         p = self.params
         if not p.distill_steps:
             return None
+        domains = None
+        if p.distill_balance == "domains":
+            domains, _ = row_domains(getattr(calib, "domains", None), int(calib.input_ids.shape[0]))
         return distill(student, teacher, adapter, calib.input_ids, calib.attention_mask, params=p.distill_params,
                        steps=p.distill_steps, lr=p.distill_lr, batch_rows=p.distill_batch, every=p.distill_every,
-                       seed=seed, device=device, progress=progress)
+                       seed=seed, device=device, domains=domains, progress=progress)
 
     def _selector(self):
         p = self.params
         common = {"protect_super": p.protect_super, "super_threshold": p.super_threshold}
         if p.select == "naee":
-            return get_method("naee", max_tokens=p.select_tokens, **common)
+            return get_method("naee", max_tokens=p.select_tokens, balance=p.select_balance, **common)
         return get_method(p.select, **common)
 
     def plan(self, ctx: LayerContext) -> LayerPlan:

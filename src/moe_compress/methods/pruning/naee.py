@@ -17,6 +17,18 @@ Search: every feasible kept set when there are at most ``max_candidates`` (exhau
 sampled tokens); otherwise greedy backward elimination (repeatedly drop the expert whose removal raises err
 least) or beam search over the same moves (``beam_width`` best partial sets kept per step). Feasible: super
 experts kept (``protect_super``), and with DeepSeek group routing the same number of experts kept per group.
+
+Domain balance (``balance="domains"``, calibration rows with two or more domains): the token mean lets the
+domains whose tokens the remaining experts reconstruct poorly anyway dominate, and the kept set can drop the
+experts a smaller or easier domain depends on (measured: NAEE's kept set costs code the most on deepseek-fine).
+The balanced objective is the mean over domains of each domain's error relative to the best kept set for that
+domain alone,
+
+    err_bal(S) = (1/D) sum_d err_d(S) / err_d*,    err_d* = err_d(search on domain d's tokens only),
+
+(err_d: the error on domain d's sampled tokens; err_d* found by the same search), so a kept set is judged by
+how much worse than necessary it is for every domain, whatever the domains' scales (the "regret" of each
+domain). One domain, or tokens without domains, give the plain objective.
 """
 
 from __future__ import annotations
@@ -68,6 +80,8 @@ class ReconstructionObjective:
         device = layer.router_weight.device
         x = x.to(device)
         self.layer, self.max_elements = layer, max_elements
+        self.domains: torch.Tensor | None = None  # [T] domain ids, set by `balance`
+        self.scale: torch.Tensor | None = None    # [D] per-domain divisors
         self.n_tokens, self.n_experts = x.shape[0], layer.n_experts
         self.logits = layer.router_logits(x.to(layer.router_weight.dtype))  # [T, E] fp32
         self.idx0, w0 = route(self.logits, layer.rule, layer.correction_bias)  # [T, k]
@@ -92,8 +106,32 @@ class ReconstructionObjective:
             logits = self.logits.unsqueeze(0).expand(c, t, e).reshape(c * t, e)
             allowed = m.unsqueeze(1).expand(c, t, e).reshape(c * t, e)
             idx, w = route(logits, self.layer.rule, self.layer.correction_bias, allowed)
-            out.append(self._quadratic(idx.view(c, t, k), w.view(c, t, k).double()).sum(1) / t)
+            q = self._quadratic(idx.view(c, t, k), w.view(c, t, k).double())  # [c, T]
+            if self.domains is None:
+                out.append(q.sum(1) / t)
+            else:
+                out.append((self._per_domain(q) / self.scale).mean(1))
         return torch.cat(out) if out else torch.empty(0, dtype=torch.float64)
+
+    def _per_domain(self, q: torch.Tensor) -> torch.Tensor:
+        """q [c, T] per-token errors -> [c, D] mean error per domain."""
+        sums = torch.zeros(q.shape[0], self.scale.shape[0], dtype=q.dtype, device=q.device)
+        return sums.index_add_(1, self.domains, q) / self.counts
+
+    def balance(self, domains: torch.Tensor, scale: torch.Tensor) -> None:
+        """From now on ``errors`` is the mean over domains of err_d / scale_d: domains [T] int64 ids 0..D-1 of
+        the tokens (every id present), scale [D] > 0."""
+        self.domains = domains.to(self.logits.device)
+        self.scale = scale.to(device=self.logits.device, dtype=torch.float64)
+        self.counts = torch.bincount(self.domains, minlength=self.scale.shape[0]).double()
+
+    @torch.no_grad()
+    def domain_errors(self, mask: torch.Tensor) -> torch.Tensor:
+        """mask [E] bool (after `balance`) -> [D] mean error per domain."""
+        t, e, k = self.n_tokens, self.n_experts, self.k
+        allowed = mask.to(device=self.logits.device, dtype=torch.bool).expand(t, e)
+        idx, w = route(self.logits, self.layer.rule, self.layer.correction_bias, allowed)
+        return self._per_domain(self._quadratic(idx.view(1, t, k), w.view(1, t, k).double()))[0]
 
     def _quadratic(self, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """idx/w [c, T, k] masked routing -> d_t^T G_t d_t per candidate and token [c, T].
@@ -211,39 +249,62 @@ class NAEEPruning(ScorePruning):
         max_candidates: int = Field(5000, ge=0)    # auto: exhaustive iff the feasible sets are at most this many
         beam_width: int = Field(4, ge=1)           # for search=beam
         max_elements: int = Field(2**24, ge=1024)  # working-memory budget (tensor elements) per batch
+        balance: Literal["tokens", "domains"] = "tokens"  # domains: mean over calibration domains of the regret
 
     def sample_tokens(self, ctx: LayerContext) -> torch.Tensor:
         """The layer's calibration inputs [T, H], subsampled to ``max_tokens`` rows with ``ctx.generator``."""
-        x = ctx.inputs
+        return self.sample(ctx)[0]
+
+    def sample(self, ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(inputs [T, H], their domain ids [T] or None), subsampled to ``max_tokens`` rows with ``ctx.generator``."""
+        x, dom = ctx.inputs, ctx.input_domains
         if x is None or x.shape[0] == 0:
             raise UserError(f"method {self.name} needs the MoE inputs of calibration tokens: pass --calib SPEC")
+        if dom is not None and dom.shape[0] != x.shape[0]:
+            dom = None
         if x.shape[0] > self.params.max_tokens:
             gen = ctx.generator if ctx.generator is not None else torch.Generator().manual_seed(0)
             rows = torch.randperm(x.shape[0], generator=gen)[:self.params.max_tokens].sort().values
             x = x[rows.to(x.device)]
-        return x
+            dom = None if dom is None else dom[rows.to(dom.device)]
+        return x, dom
 
     def plan(self, ctx: LayerContext) -> LayerPlan:
         check_target(ctx)
         p, layer = self.params, ctx.layer
         n, n_keep, n_group = layer.n_experts, ctx.n_experts, max(layer.rule.n_group, 1)
         protected = protected_experts(ctx, p)
-        x = self.sample_tokens(ctx)
+        x, dom = self.sample(ctx)
+        space = search_space_size(n, n_keep, n_group, protected)
+        search = p.search
+        if search == "auto":
+            search = "exhaustive" if space <= p.max_candidates else "greedy"
+        if search == "exhaustive" and space > p.max_candidates:
+            raise UserError(f"method naee: exhaustive search over {space} kept sets exceeds "
+                            f"max_candidates={p.max_candidates}; raise it or use search=greedy|beam")
+
+        def run(obj: ReconstructionObjective) -> tuple[list[int], float, int]:
+            if search == "exhaustive":
+                return exhaustive_search(obj, n_keep, n_group, protected)
+            return beam_search(obj, n_keep, n_group, protected, 1 if search == "greedy" else p.beam_width)
+
+        balanced = {}
         with torch.no_grad():
             obj = ReconstructionObjective(layer, x, p.max_elements)
-            single = obj.errors(~torch.eye(n, dtype=torch.bool)).cpu()  # error when only e is dropped
-            space = search_space_size(n, n_keep, n_group, protected)
-            search = p.search
-            if search == "auto":
-                search = "exhaustive" if space <= p.max_candidates else "greedy"
-            if search == "exhaustive":
-                if space > p.max_candidates:
-                    raise UserError(f"method naee: exhaustive search over {space} kept sets exceeds "
-                                    f"max_candidates={p.max_candidates}; raise it or use search=greedy|beam")
-                kept, err, evaluated = exhaustive_search(obj, n_keep, n_group, protected)
-            else:
-                width = 1 if search == "greedy" else p.beam_width
-                kept, err, evaluated = beam_search(obj, n_keep, n_group, protected, width)
+            names = [] if dom is None or p.balance != "domains" else torch.unique(dom).tolist()
+            if len(names) > 1:  # the best kept set of each domain alone sets that domain's scale
+                ids = torch.searchsorted(torch.tensor(names, device=dom.device), dom)
+                optima = [run(ReconstructionObjective(layer, x[(ids == d).to(x.device)], p.max_elements))[1]
+                          for d in range(len(names))]
+                floor = 1e-9 * max(obj.energy, 1e-30)  # a domain its optimum reconstructs exactly
+                obj.balance(ids, torch.tensor(optima, dtype=torch.float64).clamp(min=floor))
+                balanced = {"domains": names, "domain_optima": rounded(optima)}
+            single = obj.errors(~torch.eye(n, dtype=torch.bool)).cpu()  # objective when only e is dropped
+            kept, err, evaluated = run(obj)
+            if balanced:
+                mask = torch.zeros(n, dtype=torch.bool)
+                mask[kept] = True
+                balanced["domain_regret"] = rounded((obj.domain_errors(mask) / obj.scale).cpu())
         info = {
             "kept": kept,
             "scores": rounded(single),
@@ -252,8 +313,9 @@ class NAEEPruning(ScorePruning):
             "search_space": space,
             "candidates_evaluated": evaluated,
             "reconstruction_error": rounded([err])[0],
-            "relative_error": rounded([err / max(obj.energy, 1e-30)])[0],
+            "relative_error": rounded([err / max(obj.energy, 1e-30)])[0] if not balanced else None,
             "tokens": int(x.shape[0]),
+            **({"balance": "domains", **balanced} if balanced else {}),
         }
         return LayerPlan(keep_set(layer, kept), info)
 
