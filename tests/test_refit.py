@@ -99,6 +99,16 @@ def test_no_refit_equals_naee(arch):
     assert torch.equal(a.expert_set.router_weight, b.expert_set.router_weight)
 
 
+def test_select_balance_is_naee_balance():
+    _, layer, stats, x = first_layer("deepseek_v3")
+    dom = torch.arange(x.shape[0]) % 2
+    c = LayerContext(layer, 4, stats, x, torch.Generator().manual_seed(0), dom)
+    a = get_method("refit", select="naee", select_balance="domains", refit_down=False).plan(c)
+    b = get_method("naee", balance="domains").plan(LayerContext(layer, 4, stats, x, torch.Generator().manual_seed(0),
+                                                                dom))
+    assert b.info["balance"] == "domains" and a.info["kept"] == b.info["kept"]
+
+
 @pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3", "qwen2_moe"])
 def test_refits_never_increase_the_calibration_error(arch):
     _, layer, stats, x = first_layer(arch)

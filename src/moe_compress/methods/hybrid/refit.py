@@ -56,7 +56,6 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from moe_compress.calibration.collect import row_domains
 from moe_compress.errors import UserError
 from moe_compress.methods.base import LayerContext, LayerPlan, Method, get_method, register
 from moe_compress.methods.hybrid.distill import distill
@@ -375,7 +374,6 @@ class Refit(Method):
         distill_lr: float = Field(3e-4, gt=0.0)      # Adam step size
         distill_batch: int = Field(8, ge=1)          # calibration rows per step
         distill_every: int = Field(25, ge=1)         # held-out check interval (steps)
-        distill_balance: Literal["tokens", "domains"] = "tokens"  # domains: geometric mean of per-domain KL
 
     @property
     def needs_teacher(self) -> bool:
@@ -386,12 +384,9 @@ class Refit(Method):
         p = self.params
         if not p.distill_steps:
             return None
-        domains = None
-        if p.distill_balance == "domains":
-            domains, _ = row_domains(getattr(calib, "domains", None), int(calib.input_ids.shape[0]))
         return distill(student, teacher, adapter, calib.input_ids, calib.attention_mask, params=p.distill_params,
                        steps=p.distill_steps, lr=p.distill_lr, batch_rows=p.distill_batch, every=p.distill_every,
-                       seed=seed, device=device, domains=domains, progress=progress)
+                       seed=seed, device=device, progress=progress)
 
     def _selector(self):
         p = self.params
