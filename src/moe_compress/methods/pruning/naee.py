@@ -82,6 +82,7 @@ class ReconstructionObjective:
         self.layer, self.max_elements = layer, max_elements
         self.domains: torch.Tensor | None = None  # [T] domain ids, set by `balance`
         self.scale: torch.Tensor | None = None    # [D] per-domain divisors
+        self.counts: torch.Tensor | None = None   # [D] tokens per domain
         self.n_tokens, self.n_experts = x.shape[0], layer.n_experts
         self.logits = layer.router_logits(x.to(layer.router_weight.dtype))  # [T, E] fp32
         self.idx0, w0 = route(self.logits, layer.rule, layer.correction_bias)  # [T, k]
