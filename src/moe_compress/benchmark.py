@@ -154,7 +154,7 @@ def run_benches(specs: list[BenchSpec], out: str | Path, overwrite: bool = False
 
 def _run_into(spec: BenchSpec, methods: list[tuple[Variant, Method]], folder: Path,
               progress: Progress | None) -> list[dict]:
-    from moe_compress.calibration.collect import row_domains
+    from moe_compress.calibration.collect import calibration_domains
     from moe_compress.calibration.data import build_calibration
     from moe_compress.evaluation.metrics import evaluate_lm, parameter_counts
 
@@ -188,7 +188,7 @@ def _run_into(spec: BenchSpec, methods: list[tuple[Variant, Method]], folder: Pa
         return False
 
     t0 = time.perf_counter()
-    domains, _ = row_domains(getattr(calib, "domains", None), int(calib.input_ids.shape[0]))
+    domains, _ = calibration_domains(calib)
     run_layers(original, adapter, calib.input_ids, calib.attention_mask, on_layer=on_layer, device=device,
                batch_size=c.batch_size, keep_moe_inputs=keep_inputs, stats=tuple(needs), observer_options=options,
                progress=progress, domains=domains)

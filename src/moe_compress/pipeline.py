@@ -127,7 +127,7 @@ def plan_and_apply(method: Method, adapter, model, n_new: int, *, calib=None, re
                 progress("layers", len(applier.infos), len(applier.blocks))
         timings = {"statistics": 0.0}
     else:
-        from moe_compress.calibration.collect import row_domains
+        from moe_compress.calibration.collect import calibration_domains
 
         t_start = time.perf_counter()
 
@@ -138,7 +138,7 @@ def plan_and_apply(method: Method, adapter, model, n_new: int, *, calib=None, re
             applier.apply(run.index, stats.layers[run.index], run.moe_inputs, run.moe_domains)
             return True
 
-        domains, _ = row_domains(getattr(calib, "domains", None), int(calib.input_ids.shape[0]))
+        domains, _ = calibration_domains(calib)
         run_layers(model, adapter, calib.input_ids, calib.attention_mask, on_layer=on_layer, mode=recipe.mode,
                    device=device, batch_size=recipe.calibration.batch_size, keep_moe_inputs=method.needs_inputs,
                    stats=tuple(method.needs), observer_options=method.observer_options(), progress=progress,

@@ -307,7 +307,7 @@ def compress_streaming(recipe, *, max_gpu_memory: str | int | None = None, progr
 
 
 def _run(recipe, ctx: DistContext, max_gpu_memory, progress, log, offload) -> StreamResult:
-    from moe_compress.calibration.collect import row_domains
+    from moe_compress.calibration.collect import calibration_domains
     from moe_compress.methods.base import get_method
     from moe_compress.models.lazy import LazyCheckpoint
     from moe_compress.models.loading import load_tokenizer, resolve_model
@@ -386,7 +386,7 @@ def _run(recipe, ctx: DistContext, max_gpu_memory, progress, log, offload) -> St
         n_rows = int(ids.shape[0])
         n_batches = math.ceil(n_rows / bs)
         mine = [b for b in range(n_batches) if b % ctx.world == ctx.rank]
-        dom_ids, _ = row_domains(getattr(calib, "domains", None), n_rows)
+        dom_ids, _ = calibration_domains(calib)
         all_masks = [(torch.ones((min(n_rows, (b + 1) * bs) - b * bs) * ids.shape[1], dtype=torch.bool)
                       if am is None else am[b * bs:(b + 1) * bs].reshape(-1).bool()) for b in range(n_batches)]
         real = [int(m.sum()) for m in all_masks]

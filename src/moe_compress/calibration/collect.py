@@ -67,6 +67,11 @@ def row_domains(domains, n_rows: int) -> tuple[torch.Tensor | None, list[str]]:
     return torch.tensor([index[d] for d in labels], dtype=torch.long), names
 
 
+def calibration_domains(calib) -> tuple[torch.Tensor | None, list[str]]:
+    """`row_domains` of a calibration set (its optional ``domains`` labels, one per row of ``input_ids``)."""
+    return row_domains(getattr(calib, "domains", None), int(calib.input_ids.shape[0]))
+
+
 def calibration_info(calib) -> dict:
     ids = calib.input_ids
     mask = getattr(calib, "attention_mask", None)
@@ -117,7 +122,7 @@ def collect_statistics(
     """
     names = list(dict.fromkeys([*ROUTED_STATS, *names]))
     options = dict(observer_options or {})
-    dom_ids, dom_names = row_domains(getattr(calib, "domains", None), int(calib.input_ids.shape[0]))
+    dom_ids, dom_names = calibration_domains(calib)
     if "frequency_by_domain" in names:
         options.setdefault("n_domains", max(1, len(dom_names)))
     info = calibration_info(calib)

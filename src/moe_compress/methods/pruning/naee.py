@@ -95,24 +95,31 @@ class ReconstructionObjective:
 
     @torch.no_grad()
     def errors(self, masks: torch.Tensor) -> torch.Tensor:
-        """masks [C, E] bool (True = kept) -> err [C] fp64."""
+        """masks [C, E] bool (True = kept) -> err [C] fp64 (err_bal after `balance`)."""
+        if self.domains is None:
+            out = [q.sum(1) / self.n_tokens for q in self._token_errors(masks)]
+        else:
+            out = [(self._per_domain(q) / self.scale).mean(1) for q in self._token_errors(masks)]
+        return torch.cat(out) if out else torch.empty(0, dtype=torch.float64)
+
+    @torch.no_grad()
+    def domain_errors(self, mask: torch.Tensor) -> torch.Tensor:
+        """mask [E] bool (after `balance`) -> [D] mean error per domain."""
+        return self._per_domain(torch.cat(list(self._token_errors(mask.unsqueeze(0)))))[0]
+
+    def _token_errors(self, masks: torch.Tensor):
+        """masks [C, E] -> per-token errors d_t^T G_t d_t, [c, T] per batch of candidates (``max_elements``)."""
         masks = masks.to(device=self.logits.device, dtype=torch.bool)
         t, e, k = self.n_tokens, self.n_experts, self.k
         per_candidate = t * (4 * e + 12 * k * k)
         step = max(1, self.max_elements // per_candidate)
-        out = []
         for s in range(0, masks.shape[0], step):
             m = masks[s:s + step]
             c = m.shape[0]
             logits = self.logits.unsqueeze(0).expand(c, t, e).reshape(c * t, e)
             allowed = m.unsqueeze(1).expand(c, t, e).reshape(c * t, e)
             idx, w = route(logits, self.layer.rule, self.layer.correction_bias, allowed)
-            q = self._quadratic(idx.view(c, t, k), w.view(c, t, k).double())  # [c, T]
-            if self.domains is None:
-                out.append(q.sum(1) / t)
-            else:
-                out.append((self._per_domain(q) / self.scale).mean(1))
-        return torch.cat(out) if out else torch.empty(0, dtype=torch.float64)
+            yield self._quadratic(idx.view(c, t, k), w.view(c, t, k).double())
 
     def _per_domain(self, q: torch.Tensor) -> torch.Tensor:
         """q [c, T] per-token errors -> [c, D] mean error per domain."""
@@ -125,14 +132,6 @@ class ReconstructionObjective:
         self.domains = domains.to(self.logits.device)
         self.scale = scale.to(device=self.logits.device, dtype=torch.float64)
         self.counts = torch.bincount(self.domains, minlength=self.scale.shape[0]).double()
-
-    @torch.no_grad()
-    def domain_errors(self, mask: torch.Tensor) -> torch.Tensor:
-        """mask [E] bool (after `balance`) -> [D] mean error per domain."""
-        t, e, k = self.n_tokens, self.n_experts, self.k
-        allowed = mask.to(device=self.logits.device, dtype=torch.bool).expand(t, e)
-        idx, w = route(self.logits, self.layer.rule, self.layer.correction_bias, allowed)
-        return self._per_domain(self._quadratic(idx.view(1, t, k), w.view(1, t, k).double()))[0]
 
     def _quadratic(self, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """idx/w [c, T, k] masked routing -> d_t^T G_t d_t per candidate and token [c, T].
@@ -292,9 +291,11 @@ class NAEEPruning(ScorePruning):
         balanced = {}
         with torch.no_grad():
             obj = ReconstructionObjective(layer, x, p.max_elements)
-            names = [] if dom is None or p.balance != "domains" else torch.unique(dom).tolist()
+            names, ids = [], None
+            if dom is not None and p.balance == "domains":
+                unique, ids = torch.unique(dom, return_inverse=True)  # ids: 0..D-1
+                names = unique.tolist()
             if len(names) > 1:  # the best kept set of each domain alone sets that domain's scale
-                ids = torch.searchsorted(torch.tensor(names, device=dom.device), dom)
                 optima = [run(ReconstructionObjective(layer, x[(ids == d).to(x.device)], p.max_elements))[1]
                           for d in range(len(names))]
                 floor = 1e-9 * max(obj.energy, 1e-30)  # a domain its optimum reconstructs exactly
