@@ -4,6 +4,8 @@
   model a few steps lower it;
 - ``params="moe"`` trains the MoE blocks only: every other tensor is bit-identical afterwards, and the dtype
   of the model is kept;
+- ``schedule="cosine"``: a linear warm-up over the first 5% of the steps, then a half cosine towards zero; the
+  optimizer takes exactly those step sizes;
 - through the pipeline: compression.json records the stage, and the written checkpoint loads and computes the
   distilled model's logits; the same seed gives the same tensors.
 """
@@ -18,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moe_compress.evaluation.metrics import token_kl
-from moe_compress.methods.hybrid.distill import distill, float_tensors, trainable_parameters
+from moe_compress.methods.hybrid.distill import distill, float_tensors, step_size_factor, trainable_parameters
 from moe_compress.models.registry import get_adapter
 from moe_compress.models.surgery import keep_set, write_block
 from moe_compress.models.tiny import tiny_model
@@ -99,15 +101,44 @@ def test_all_params_excludes_embeddings_and_head():
     assert any("self_attn" in n for n in names)
 
 
+def test_cosine_schedule_warms_up_then_decays_towards_zero():
+    steps = 400
+    f = [step_size_factor(i, steps, "cosine") for i in range(steps)]
+    assert f[:20] == pytest.approx([(i + 1) / 20 for i in range(20)])  # warm-up: 5% of the steps
+    assert f[20] == 1.0 and f[210] == pytest.approx(0.5)  # half-way through the decay
+    assert all(a >= b for a, b in zip(f[20:], f[21:]))
+    assert 0 < f[-1] < 1e-4
+    assert [step_size_factor(i, 3, "constant") for i in range(3)] == [1.0, 1.0, 1.0]
+    assert step_size_factor(0, 1, "cosine") == 1.0
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_the_optimizer_takes_the_scheduled_step_sizes(schedule, monkeypatch):
+    teacher, student, adapter = pruned_pair()
+    seen, step = [], torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    rec = distill(student, teacher, adapter, rows(), None, steps=40, lr=2e-3, batch_rows=4, every=10,
+                  schedule=schedule)
+    assert rec["schedule"] == schedule
+    assert seen == pytest.approx([2e-3 * step_size_factor(i, 40, schedule) for i in range(40)])
+    assert rec["heldout_kl"][1] <= rec["heldout_kl"][0]
+
+
 def test_pipeline_records_the_stage_and_the_checkpoint_computes_it(saved_models, text_file, tmp_path):
     out = tmp_path / "out"
     recipe = Recipe(model=str(saved_models["mixtral"]), method="refit", experts=6, output=str(out),
-                    params={"distill_steps": 6, "distill_every": 2, "distill_batch": 4, "distill_lr": 1e-3},
+                    params={"distill_steps": 6, "distill_every": 2, "distill_batch": 4, "distill_lr": 1e-3,
+                            "distill_schedule": "cosine"},
                     calibration={"data": str(text_file), "n_samples": 12, "seq_len": 32})
     res = compress(recipe)
     manifest = json.loads((out / "compression.json").read_text())
     rec = manifest["refine"]
-    assert rec["steps"] == 6 and rec["heldout_kl"][1] <= rec["heldout_kl"][0]
+    assert rec["steps"] == 6 and rec["schedule"] == "cosine" and rec["heldout_kl"][1] <= rec["heldout_kl"][0]
     assert "refine" in manifest["timings_s"]
     loaded = AutoModelForCausalLM.from_pretrained(out).eval()
     x = rows(2, 16)

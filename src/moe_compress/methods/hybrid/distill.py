@@ -7,7 +7,8 @@ reproduce the original model's (the teacher's) next-token distributions on the c
 
     L(theta) = (1 / #real tokens) sum_{rows, real positions} KL( p_teacher(. | prefix) || p_student(. | prefix) )
 
-by minibatch Adam over ``params``: ``"moe"`` (default) the parameters of the compressed MoE blocks (routers,
+by minibatch Adam (``schedule``: a constant step size, or ``"cosine"``: a linear warm-up over the first 5% of
+the steps, then a cosine decay to zero) over ``params``: ``"moe"`` (default) the parameters of the compressed MoE blocks (routers,
 routed and shared experts), ``"all"`` every parameter but the embeddings and the output head. The student runs
 in fp32 in eval mode (no dropout, no router jitter); the teacher runs in its own dtype without gradients.
 
@@ -42,6 +43,17 @@ def trainable_parameters(model, adapter, which: Literal["moe", "all"]) -> dict[s
     return {n: p for n, p in model.named_parameters() if id(p) not in skip}
 
 
+def step_size_factor(i: int, steps: int, schedule: str) -> float:
+    """Multiplier of the step size at optimizer step i (0-based) of ``steps``: 1 (``constant``), or (``cosine``)
+    a linear warm-up over the first 5% of the steps, then a half cosine from 1 towards 0 (reached one step after the last)."""
+    if schedule == "constant":
+        return 1.0
+    warm = max(1, round(0.05 * steps))
+    if i < warm:
+        return (i + 1) / warm
+    return 0.5 * (1.0 + math.cos(math.pi * (i - warm) / max(1, steps - warm)))
+
+
 def float_tensors(model) -> dict[str, torch.Tensor]:
     """Every parameter and buffer of ``model`` by name (what ``model.to(dtype)`` converts, and more)."""
     return {**dict(model.named_buffers()), **dict(model.named_parameters())}
@@ -49,8 +61,8 @@ def float_tensors(model) -> dict[str, torch.Tensor]:
 
 def distill(student, teacher, adapter, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *,
             params: Literal["moe", "all"] = "moe", steps: int = 200, lr: float = 3e-4, batch_rows: int = 8,
-            holdout: float = 0.1, every: int = 25, seed: int = 0, device: str | torch.device = "cpu",
-            progress: Progress | None = None) -> dict:
+            holdout: float = 0.1, every: int = 25, schedule: Literal["constant", "cosine"] = "constant",
+            seed: int = 0, device: str | torch.device = "cpu", progress: Progress | None = None) -> dict:
     """Train ``student`` in place towards ``teacher`` on calibration rows input_ids [N, L] (mask [N, L]).
 
     Both models are moved to ``device``; the student is trained in fp32 and every tensor is returned in its own
@@ -80,6 +92,7 @@ def distill(student, teacher, adapter, input_ids: torch.Tensor, attention_mask: 
     student.eval()
     teacher.eval()
     opt = torch.optim.Adam(list(named.values()), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: step_size_factor(i, steps, schedule))
     gen = torch.Generator().manual_seed(seed)
 
     def batch_kl(rows: torch.Tensor, grad: bool) -> torch.Tensor:
@@ -108,6 +121,7 @@ def distill(student, teacher, adapter, input_ids: torch.Tensor, attention_mask: 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
         if step % every == 0 or step == steps:
             value = held_kl()
             if math.isfinite(value) and value < best:
@@ -122,6 +136,6 @@ def distill(student, teacher, adapter, input_ids: torch.Tensor, attention_mask: 
         for name, t in float_tensors(student).items():  # back to each tensor's own dtype (fp32 -> bf16 exact)
             t.data = t.data.to(dtypes[name])
     return {"steps": steps, "params": params, "trainable": int(sum(p.numel() for p in named.values())),
-            "lr": lr, "batch_rows": batch_rows, "train_rows": int(train_rows.numel()), "heldout_rows": int(n_hold),
+            "lr": lr, "schedule": schedule, "batch_rows": batch_rows, "train_rows": int(train_rows.numel()), "heldout_rows": int(n_hold),
             "heldout_kl": [round(start, 6), round(best, 6)], "kept_step": best_step,
             "seconds": round(time.perf_counter() - t0, 3)}

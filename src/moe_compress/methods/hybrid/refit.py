@@ -35,8 +35,8 @@ calibration tokens:
 4. Optional **distillation** (``distill_steps`` > 0, off by default because it holds the original model in
    memory beside the compressed one): once every layer is compressed, `Refit.refine` trains the compressed
    model's MoE blocks end to end towards the original's next-token distributions on the calibration rows
-   (`distill.distill`; the best iterate on held-out rows is kept). Measured best on both testbeds with ``select="naee"``
-   (docs/RESULTS.md "Testbeds").
+   (`distill.distill`; the best iterate on held-out rows is kept). Measured best on both testbeds with
+   ``select="naee"``, 16 rows per step and the cosine schedule (docs/RESULTS.md "Testbeds").
 
 Shared experts (DeepSeek, Qwen2-MoE) are untouched and identical in both outputs: they are left out of Y. Gate
 and up projections are unchanged unless tuned. Biases (GPT-OSS) are kept as they are; the down bias is not
@@ -374,6 +374,7 @@ class Refit(Method):
         distill_lr: float = Field(3e-4, gt=0.0)      # Adam step size
         distill_batch: int = Field(8, ge=1)          # calibration rows per step
         distill_every: int = Field(25, ge=1)         # held-out check interval (steps)
+        distill_schedule: Literal["constant", "cosine"] = "constant"  # step size over the steps (distill.py)
 
     @property
     def needs_teacher(self) -> bool:
@@ -386,7 +387,7 @@ class Refit(Method):
             return None
         return distill(student, teacher, adapter, calib.input_ids, calib.attention_mask, params=p.distill_params,
                        steps=p.distill_steps, lr=p.distill_lr, batch_rows=p.distill_batch, every=p.distill_every,
-                       seed=seed, device=device, progress=progress)
+                       schedule=p.distill_schedule, seed=seed, device=device, progress=progress)
 
     def _selector(self):
         p = self.params
