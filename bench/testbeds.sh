@@ -4,7 +4,7 @@
 # on the same held-out windows).
 #
 #   bench/testbeds.sh TRAIN EVAL OUT [extra `moe-compress bench` options, e.g. --device cuda]
-#   bench/testbeds.sh ../shared/data/train ../shared/data/eval runs/testbeds --device cuda   (7.5 min on one H100)
+#   bench/testbeds.sh ../shared/data/train ../shared/data/eval runs/testbeds --device cuda   (8 min on one H100)
 # MODELS=... (one testbed) and OURS=... (another list of our variants) override the defaults.
 set -euo pipefail
 [ $# -ge 3 ] || { echo "usage: $0 TRAIN EVAL OUT [bench options]" >&2; exit 2; }
@@ -14,7 +14,8 @@ shift 3
 pruning="frequency,soft-count,ean,reap,naee,random"
 merging="msmoe,hcsmoe,submoe"
 submoe_switches="submoe[align=true],submoe[rank_ratio=0.5],submoe[whiten=true,rank_ratio=0.5],submoe[router=lstsq],submoe[clustering=hierarchical]"
-ours=${OURS:-"refit,refit[select=naee],refit[select=naee,distill_steps=400],refit[select=naee,refit_down=false,distill_steps=400]"}
+d="distill_steps=400,distill_batch=16,distill_schedule=cosine"
+ours=${OURS:-"refit,refit[select=naee],refit[select=naee,$d],refit[select=naee,refit_down=false,$d]"}
 
 ${MOE_COMPRESS:-moe-compress} bench ${MODELS:-builtin:mixtral-8e builtin:deepseek-fine} \
   --methods "$pruning,$merging,$submoe_switches,$ours" \
