@@ -1,6 +1,6 @@
 """The testbed tables of docs/RESULTS.md from one `bench/testbeds.sh` run folder.
 
-    python bench/testbed_tables.py RUN_FOLDER [--ours LABEL] [--models NAME,NAME]
+    .venv/bin/python bench/testbed_tables.py RUN_FOLDER [--ours LABEL] [--models NAME,NAME]
 
 For every model sub-folder (results.csv) and budget: one row per method (ppl ratio, KL, top-1, and per domain
 "ppl ratio / KL"), the methods that are ours (labels starting with ``refit``) with the number of the 12
@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from moe_compress.report.bench import domains_of  # noqa: E402
 
 OURS_PREFIX = "refit"
 
@@ -56,7 +60,7 @@ def main() -> None:
         raise SystemExit(f"error: no results.csv in {', '.join(missing) or str(a.run) + '/*/'}")
     for csv_path in paths:
         rows = list(csv.DictReader(csv_path.open()))
-        domains = sorted({k.split(".")[0] for k in rows[0] if k.endswith(".kld")})
+        domains = domains_of(rows)
         print(f"### {csv_path.parent.name}\n")
         for n in sorted({int(r["experts"]) for r in rows}, reverse=True):
             sel = [r for r in rows if int(r["experts"]) == n]
