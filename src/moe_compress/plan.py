@@ -77,6 +77,10 @@ def describe_plan(recipe: Recipe) -> str:
     top_k = adapter.rule().top_k
     active = total - per_expert * (n_orig - top_k) * len(moe_layers)  # parameters one token passes through
     bytes_per = 2 if recipe.dtype in ("bfloat16", "float16", "auto") else 4
+    from moe_compress.export.dtypes import main_dtype
+
+    saved = main_dtype({}, None, config) if recipe.save_dtype == "source" else getattr(torch, recipe.save_dtype)
+    saved_bytes = torch.empty(0, dtype=saved).element_size()
     c = recipe.calibration
     if cls.kind == "merge":
         change = f"{n_orig} -> {n_new} routed experts each ({n_orig} merged into {n_new} groups)"
@@ -89,6 +93,8 @@ def describe_plan(recipe: Recipe) -> str:
         f"{change}; top-{top_k} routing ({adapter.rule().kind}); shared experts untouched",
         f"  parameters  {total / 1e6:.2f}M -> {after / 1e6:.2f}M ({100 * (1 - after / total):.1f}% fewer); "
         f"weights {fmt_bytes(total * bytes_per)} -> {fmt_bytes(after * bytes_per)} at {bytes_per} bytes per parameter",
+        f"  written     {fmt_bytes(after * saved_bytes)} in {str(saved).removeprefix('torch.')} "
+        f"(save dtype {recipe.save_dtype}{': the config dtype' if recipe.save_dtype == 'source' else ''})",
     ]
     if cls.needs_data:
         tokens = c.n_samples * c.seq_len
