@@ -25,9 +25,19 @@ from moe_compress.models.layer import MoELayer, expert_forward
 
 
 def token_contribution(hidden: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
-    """EASY-EP's token contribution: hidden, routed [T, H] -> s [T] fp32, s_t = max(0, 1 - cos(h_t, h_t + r_t))."""
-    h = hidden.float()
-    return (1.0 - F.cosine_similarity(h, h + routed.float(), dim=-1)).clamp(min=0.0)
+    """EASY-EP's token contribution: hidden, routed [T, H] -> s [T] fp32, s_t = max(0, 1 - cos(h_t, h_t + r_t)).
+
+    The routed output is often small next to h, where 1 - cos computed directly cancels catastrophically in
+    fp32; for cos > 1/2 it is computed as sin^2 / (1 + cos), sin = ||r_perp|| / ||h + r|| with r_perp the part
+    of r orthogonal to h, which keeps full relative precision.
+    """
+    h, r = hidden.float(), routed.float()
+    b = h + r
+    cos = F.cosine_similarity(h, b, dim=-1)
+    unit = F.normalize(h, dim=-1)
+    r_perp = r - (r * unit).sum(dim=-1, keepdim=True) * unit
+    sin2 = (r_perp.square().sum(dim=-1) / b.square().sum(dim=-1).clamp(min=1e-30)).clamp(max=1.0)
+    return torch.where(cos > 0.5, sin2 / (1.0 + cos), 1.0 - cos).clamp(min=0.0)
 
 
 @register_observer
