@@ -89,3 +89,15 @@ def test_gpt_oss_expert_with_zero_weights_outputs_its_bias():
 def test_compress_command_reloads_as_masked_original(monkeypatch, capsys, saved_models, text_file, tmp_path, arch):
     layers = cli_prune_and_check(monkeypatch, capsys, saved_models, text_file, tmp_path, arch, "mone")
     assert all(info["novices_exported"].startswith("dropped") for info in layers.values())
+
+
+@pytest.mark.parametrize("method,param,pattern", [("mone", "protect_super=maybe", "invalid parameter protect_super"),
+                                                  ("mone", "novice=mean", "invalid parameter novice"),
+                                                  ("easy-ep", "super_threshold=big", "invalid parameter super_threshold")])
+def test_bad_parameters_are_user_errors(monkeypatch, capsys, saved_models, tmp_path, method, param, pattern):
+    from clitools import assert_user_error, run_cli
+
+    code, _, err = run_cli(monkeypatch, capsys, "compress", saved_models["mixtral"], "--method", method, "--experts",
+                           4, "--calib", "builtin:demo", "--param", param, "--out", tmp_path / "out")
+    assert_user_error(code, err, pattern)
+    assert not (tmp_path / "out").exists()
