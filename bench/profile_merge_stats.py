@@ -22,6 +22,31 @@ sys.path.insert(0, os.path.dirname(__file__))
 from scale import FULL, TINY, TOKENS, Step, build_block  # noqa: E402
 
 
+def subsample_errors(view, stats: dict[str, dict], n_new: int) -> dict:
+    """For each subsample after the first (largest): max |difference| of output_similarity and of
+    expert_output_mean (relative to the largest |mean|) against the largest, and whether submoe's and hcsmoe's
+    groups at ``n_new`` experts are the same."""
+    from moe_compress.methods.base import LayerContext, get_method
+
+    def groups(method, st):
+        plan = get_method(method).plan(LayerContext(view, n_new, st, None, torch.Generator().manual_seed(0)))
+        return sorted(sorted(g) for g in plan.info.get("groups", []))
+
+    labels = list(stats)
+    ref = stats[labels[0]]
+    ref_groups = {m: groups(m, ref) for m in ("submoe", "hcsmoe")}
+    out = {}
+    for label in labels[1:]:
+        st = stats[label]
+        mean_scale = float(ref["expert_output_mean"].abs().max().clamp(min=1e-30))
+        out[label] = {
+            "output_similarity_max_abs_diff": float((st["output_similarity"] - ref["output_similarity"]).abs().max()),
+            "expert_output_mean_max_rel_diff": float((st["expert_output_mean"] - ref["expert_output_mean"]).abs().max())
+            / mean_scale,
+            **{f"{m}_same_groups": groups(m, st) == ref_groups[m] for m in ref_groups}}
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
@@ -72,7 +97,7 @@ def main(argv=None) -> dict:
         variants[f"merge statistics ({n} tokens)"] = (
             lambda n=n: ObservedExperts(view, make_observers(view, ["output_similarity", "router_similarity"],
                                                              total_tokens=tokens, similarity_tokens=n)))
-    seconds = {}
+    seconds, stats = {}, {}
     with torch.inference_mode():
         for label, make in variants.items():
             if label.startswith("plain"):
@@ -85,10 +110,15 @@ def main(argv=None) -> dict:
                     run(make)
                 best = s.seconds if best is None else min(best, s.seconds)
             seconds[label] = best
+            if label.startswith("merge statistics"):
+                stats[label] = {k: v.detach() for k, v in run(make).results().items()}
             cfg._experts_implementation = "grouped_mm"
         plain = min(seconds["plain eager"], seconds["plain grouped_mm"])
         lines = [f"{args.shape} layer ({shape}), {tokens} tokens, {dtype}, {device}"]
         lines += [f"{label:55s} {s:8.4f} s  {s / plain:6.2f}x" for label, s in seconds.items()]
+        errors = subsample_errors(view, stats, shape["experts"] // 2)
+        lines += ["", f"subsample error against the largest subsample ({next(iter(stats))}):"]
+        lines += [f"  {k}: {v}" for k, v in errors.items()]
         slowest = max((k for k in variants if k.startswith("merge")), key=seconds.get)
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=acts) as prof:
@@ -99,7 +129,7 @@ def main(argv=None) -> dict:
                                           row_limit=args.rows)
     text = "\n".join(lines) + f"\n\nprofile of '{slowest}':\n" + table
     print(text)
-    result = {"shape": args.shape, "tokens": tokens, "dtype": str(dtype), "device": torch.cuda.get_device_name()
+    result = {"errors": errors, "shape": args.shape, "tokens": tokens, "dtype": str(dtype), "device": torch.cuda.get_device_name()
               if cuda else "cpu", "seconds": seconds, "plain": plain,
               "ratios": {k: round(v / plain, 3) for k, v in seconds.items()}}
     if args.out:

@@ -167,7 +167,8 @@ def test_subsample_covers_all_tokens_and_is_chunked(arch):
     ids, mask = calib_batch()
     names = ("output_similarity", "expert_output_mean")
     big, _ = runner_stats(model, ids, mask, 4, names, {"similarity_tokens": 10 ** 6})
-    small, _ = runner_stats(model, ids, mask, 4, names, {"similarity_tokens": 10 ** 6, "chunk_elements": 1})
+    small, _ = runner_stats(model, ids, mask, 4, names, {"similarity_tokens": 10 ** 6, "chunk_elements": 1,
+                                                          "min_chunk_tokens": 1})  # one token per chunk
     ref = brute_force_stats(model, ids, mask, 4, 10 ** 6)
     for i in ref:
         for name in names:
@@ -456,3 +457,22 @@ def test_analyze_end_to_end_with_domains(monkeypatch, capsys, saved_models, text
     stats = json.loads((out / "stats.json").read_text())
     assert stats["meta"]["domains"] == ["code", "prose"] and stats["meta"]["tokens"] == 6 * 32
     assert (out / "usage_by_domain.png").is_file()
+
+
+def test_chunk_tokens_are_aligned_and_bounded():
+    from moe_compress.calibration.similarity import chunk_bytes, chunk_tokens
+
+    assert chunk_tokens(8, 4096, 14336, 2 ** 26) == 576          # 585 rounded down to a multiple of 64
+    assert chunk_tokens(8, 4096, 14336) == 2304                   # default budget 2**28
+    assert chunk_tokens(256, 7168, 2048) == 128                   # DeepSeek-V3: at least 128 tokens
+    assert chunk_tokens(8, 4096, 14336, 1, min_tokens=1) == 1
+    assert chunk_bytes(8, 64, 96, 10) < chunk_bytes(8, 64, 96, 1000)  # bounded by the subsample size
+
+
+def test_gram_fp32_is_the_fp32_product():
+    from moe_compress.calibration.similarity import gram_fp32
+
+    x = torch.randn(5, 300, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(gram_fp32(x), x @ x.T, rtol=0, atol=0)
+    xb = x.to(torch.bfloat16)
+    torch.testing.assert_close(gram_fp32(xb), xb.float() @ xb.float().T, rtol=0, atol=0)

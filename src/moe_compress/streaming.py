@@ -162,8 +162,10 @@ def plan_memory(lazy, method, calib, batch_size: int, cap: int | None, device: s
         sub = int(opts.get("similarity_tokens", 2048))
         if calib is not None:
             sub = min(sub, int(calib.n_tokens))
-        chunk = min(int(opts.get("chunk_elements", 2 ** 26)), n_orig * max(hidden, inter) * sub)
-        fixed += 3 * chunk * 4 + n_orig * hidden * 8  # all experts on a chunk of subsample tokens
+        from moe_compress.calibration.similarity import CHUNK_ELEMENTS, chunk_bytes
+
+        fixed += chunk_bytes(n_orig, hidden, inter, sub, int(opts.get("chunk_elements", CHUNK_ELEMENTS)),
+                             dtype_bytes) + n_orig * hidden * 8  # all experts on a chunk of subsample tokens
     if needs & {"input_moment", "input_moment_all"}:
         from moe_compress.calibration.moments import moment_bytes
 

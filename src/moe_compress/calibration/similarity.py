@@ -12,9 +12,14 @@ batch order (row-major within a batch, padding skipped), S holds the tokens numb
 i = 0..n-1 (all tokens when n >= T). The runner passes T as the option ``total_tokens``; without it S is the
 first n real tokens.
 
-All E experts on a chunk of c tokens run as batched matrix products ([E, I, H] @ [H, c]); c is chosen so that
-E x max(H, I) x c stays under ``chunk_elements`` (2**26 by default), which bounds the extra memory. Cosines are
-computed in fp32 and summed in fp64.
+All E experts on a chunk of c tokens run as batched matrix products ([E, I, H] @ [H, c]); c (`chunk_tokens`)
+is the largest multiple of 64 with E x max(H, I) x c <= ``chunk_elements`` (2**28 by default), at least 128 (or
+all the subsample when it is smaller): a multiple of 64 keeps the products on aligned tensor-core kernels (an odd
+c such as 585 sent them to slow unaligned ones), and at least 128 tokens keep them compute-bound for large E (a
+DeepSeek-V3 layer's 22 GB of experts are read once per chunk). Each expert output is normalised with an fp32
+norm; the cosine Gram of a chunk is one product of the normalised outputs in the model's dtype with fp32
+accumulation (in fp32 for fp32 models), and the sums are kept in fp64. Measured in bench/profile_merge_stats.py
+and docs/RESULTS.md ("Merge statistics").
 """
 
 from __future__ import annotations
@@ -24,6 +29,40 @@ import torch.nn.functional as F
 
 from moe_compress.calibration.observers import LayerObserver, register_observer
 from moe_compress.models.layer import ExpertWeights, MoELayer
+
+
+CHUNK_ELEMENTS = 2 ** 28
+"""Default bound on E x max(H, I) x c, the elements of the largest intermediate of one chunk."""
+MIN_CHUNK_TOKENS, CHUNK_ALIGN = 128, 64
+
+
+def chunk_tokens(n_experts: int, hidden: int, inter: int, chunk_elements: int = CHUNK_ELEMENTS,
+                 min_tokens: int = MIN_CHUNK_TOKENS) -> int:
+    """Tokens per chunk of the all-experts pass (see the module docstring): the largest multiple of 64 within
+    ``chunk_elements`` / (E x max(H, I)), at least ``min_tokens`` (128)."""
+    c = int(chunk_elements) // (n_experts * max(hidden, inter))
+    return max(int(min_tokens), c // CHUNK_ALIGN * CHUNK_ALIGN, 1)
+
+
+def chunk_bytes(n_experts: int, hidden: int, inter: int, n_tokens: int, chunk_elements: int = CHUNK_ELEMENTS,
+                dtype_bytes: int = 2) -> int:
+    """Peak extra memory of one chunk over ``n_tokens`` subsample tokens: gate, up and activation [E, I, c] and
+    the outputs [E, H, c] in the model's dtype, plus their normalised fp32 copy."""
+    c = min(chunk_tokens(n_experts, hidden, inter, chunk_elements), max(1, n_tokens))
+    return n_experts * c * (3 * inter * dtype_bytes + hidden * (2 * dtype_bytes + 4))
+
+
+def gram_fp32(flat: torch.Tensor) -> torch.Tensor:
+    """flat [E, K] -> flat @ flat.T [E, E] float32, accumulated in fp32: for a half-precision ``flat`` on CUDA one
+    tensor-core product with fp32 output (``torch.mm(..., out_dtype=float32)``), elsewhere (or where this torch
+    lacks it) the product of its float32 copy."""
+    if flat.dtype in (torch.bfloat16, torch.float16) and flat.is_cuda:
+        try:
+            return torch.mm(flat, flat.T, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
+    f = flat.float()
+    return f @ f.T
 
 
 def all_expert_outputs(w: ExpertWeights, x: torch.Tensor, act) -> torch.Tensor:
@@ -65,20 +104,21 @@ class ExpertOutputs(LayerObserver):
 
     output_similarity[e, f] = (1/|S|) sum_{x in S} cos(f_e(x), f_f(x)) (an expert whose output is exactly 0 has
     cosine 0 with every expert); expert_output_mean[e] = (1/|S|) sum_{x in S} f_e(x). Options:
-    ``similarity_tokens`` (|S| per layer, default 2048), ``chunk_elements`` (memory bound, default 2**26).
+    ``similarity_tokens`` (|S| per layer, default 2048), ``chunk_elements`` (memory bound, default 2**28),
+    ``min_chunk_tokens`` (default 128; see `chunk_tokens`).
     """
 
     provides = ("output_similarity", "expert_output_mean")
 
     def __init__(self, layer: MoELayer, similarity_tokens: int = 2048, total_tokens: int | None = None,
-                 chunk_elements: int = 2 ** 26, **options):
+                 chunk_elements: int = CHUNK_ELEMENTS, min_chunk_tokens: int = MIN_CHUNK_TOKENS, **options):
         super().__init__(layer, **options)
         if similarity_tokens < 1:
             raise ValueError("similarity_tokens must be >= 1")
         self.select = SubsampleSelector(similarity_tokens, total_tokens)
         e, h = layer.router_weight.shape
         inter = layer.experts.gate.shape[1]
-        self.chunk = max(1, int(chunk_elements) // (e * max(h, inter)))
+        self.chunk = chunk_tokens(e, h, inter, chunk_elements, min_chunk_tokens)
         dev = layer.router_weight.device
         self.cos_sum = torch.zeros(e, e, dtype=torch.float64, device=dev)
         self.out_sum = torch.zeros(e, h, dtype=torch.float64, device=dev)
@@ -87,11 +127,14 @@ class ExpertOutputs(LayerObserver):
     def update(self, hidden, idx, weights, mask):
         x = hidden[self.select(mask)]
         for s in range(0, x.shape[0], self.chunk):
-            y = all_expert_outputs(self.layer.experts, x[s:s + self.chunk], self.layer.activation).float()
-            yn = F.normalize(y, dim=1)  # [E, H, c], unit vectors per (expert, token)
+            y = all_expert_outputs(self.layer.experts, x[s:s + self.chunk], self.layer.activation)  # [E, H, c]
+            norms = torch.linalg.vector_norm(y, dim=1, keepdim=True, dtype=torch.float32)  # [E, 1, c]
+            # unit vectors per (expert, token) in the model's dtype; an all-zero output stays 0 (cosine 0)
+            yn = (y.float() / norms.clamp(min=1e-12)).to(y.dtype)
             flat = yn.reshape(yn.shape[0], -1)
-            self.cos_sum += (flat @ flat.T).double()
-            self.out_sum += y.sum(dim=-1).double()
+            self.cos_sum += gram_fp32(flat).double()
+            self.out_sum += y.sum(dim=-1, dtype=torch.float32).double()
+            del y, yn, flat
         self.count += x.shape[0]
 
     def result(self):
