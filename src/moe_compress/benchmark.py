@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import yaml
 
 from moe_compress.calibration.runner import LayerRun, run_layers
 from moe_compress.errors import UserError
 from moe_compress.export.writer import atomic_output_dir, check_output_dir, save_model
-from moe_compress.methods.base import Method, get_method
+from moe_compress.methods.base import Method, get_method, parse_method_spec, split_method_list
 from moe_compress.models.loading import load_config, load_model, load_tokenizer
 from moe_compress.models.registry import get_adapter
 from moe_compress.models.surgery import check_expert_count
@@ -32,7 +31,6 @@ from moe_compress.pipeline import MethodApplier, pick_device
 from moe_compress.recipe import Calibration
 
 Progress = Callable[[str, int, int], None]
-_VARIANT = re.compile(r"^\s*([A-Za-z0-9_\-]+)\s*(?:\[(.*)\])?\s*$")
 
 
 @dataclass(frozen=True)
@@ -45,28 +43,12 @@ class Variant:
 
 
 def parse_variants(spec: str) -> list[Variant]:
-    """``"frequency,submoe[whiten=true,rank_ratio=0.5]"`` -> variants (commas inside [] belong to the params)."""
-    parts, depth, cur = [], 0, ""
-    for ch in spec:
-        depth += (ch == "[") - (ch == "]")
-        if ch == "," and depth == 0:
-            parts.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    parts.append(cur)
+    """``"frequency,submoe[whiten=true,rank_ratio=0.5]"`` -> variants (commas inside [] belong to the params);
+    each one is parsed by `moe_compress.methods.base.parse_method_spec`, as ``compress --method`` and recipes."""
     out = []
-    for part in filter(str.strip, parts):
-        m = _VARIANT.match(part)
-        if not m:
-            raise UserError(f"cannot parse method {part!r}: write NAME or NAME[key=value,...]")
-        params = {}
-        for item in filter(str.strip, (m.group(2) or "").split(",")):
-            if "=" not in item:
-                raise UserError(f"method {part!r}: parameter {item!r} is not key=value")
-            k, v = item.split("=", 1)
-            params[k.strip()] = yaml.safe_load(v)
-        out.append(Variant(part.strip(), m.group(1), params))
+    for part in split_method_list(spec):
+        name, params = parse_method_spec(part)
+        out.append(Variant(part, name, params))
     if not out:
         raise UserError("--methods is empty")
     return out

@@ -97,7 +97,7 @@ def compress(
     from moe_compress.recipe import build_recipe, load_recipe_file, parse_overrides
 
     data = load_recipe_file(recipe) if recipe else {}
-    flags = {"model": model, "method": method, "output": out, "mode": mode, "device": device, "dtype": dtype,
+    flags = {"model": model, "output": out, "mode": mode, "device": device, "dtype": dtype,
              "seed": seed, "calibration.data": calib, "calibration.n_samples": n_samples,
              "calibration.seq_len": seq_len, "calibration.batch_size": batch_size, "calibration.seed": seed,
              "calibration.packing": False if per_document else None,
@@ -110,13 +110,9 @@ def compress(
     if experts is not None or ratio is not None:  # a budget flag replaces the recipe's budget
         data = {k: v for k, v in data.items() if k not in ("experts", "ratio")}
         overrides += [(k, v) for k, v in (("experts", experts), ("ratio", ratio)) if v is not None]
-    overrides += [(f"params.{k}", v) for k, v in _method_params(param).items()]
-    if no_protect_super:
-        overrides.append(("params.protect_super", False))
-    for key, label in (("model", "MODEL"), ("method", "--method"), ("output", "--out")):
-        if not (data.get(key) or flags[key]):
-            raise UserError(f"missing {label} (give it on the command line or in --recipe)")
-    r = build_recipe(data, overrides + parse_overrides(set_))
+    overrides += _method_overrides(method, param, no_protect_super)
+    r = build_recipe(data, overrides + parse_overrides(set_), check_method=True,
+                     required={"model": "MODEL", "method": "--method", "output": "--out"})
     if dry_run:
         out_console.print(describe_plan(r), markup=False, highlight=False, soft_wrap=True)
         return
@@ -151,6 +147,21 @@ def _compress_streaming(r, max_gpu_memory: str | None, quiet: bool) -> None:
         out_console.print(f"wrote {r.output}: {r.method}, {e['original']} -> {e['kept']} experts per layer, "
                           f"streamed on {res.world} process(es), calibration batch {res.memory.batch_size} "
                           f"({sum(res.timings.values()):.1f} s)")
+
+
+def _method_overrides(method: str | None, param: list[str], no_protect_super: bool) -> list[tuple[str, object]]:
+    """``--method NAME[k=v,...]``, ``--param k=v`` and ``--no-protect-super`` as recipe overrides: the method's
+    name, then each parameter as ``params.KEY`` (so these flags win over a recipe's ``params``; a key set twice
+    on the command line must agree)."""
+    from moe_compress.methods.base import merge_method_params
+
+    params = _method_params(param)
+    if no_protect_super:
+        params["protect_super"] = False
+    if method is None:
+        return [(f"params.{k}", v) for k, v in params.items()]
+    name, merged = merge_method_params(method, params, where="--param")
+    return [("method", name)] + [(f"params.{k}", v) for k, v in merged.items()]
 
 
 @app.command()

@@ -21,7 +21,7 @@ from moe_compress.calibration.stats import Statistics
 from moe_compress.errors import UserError
 from moe_compress.export.card import model_card
 from moe_compress.export.writer import check_output_dir, export_checkpoint
-from moe_compress.methods.base import LayerContext, Method, get_method
+from moe_compress.methods.base import LayerContext, Method, format_method_spec, get_method
 from moe_compress.models.layer import ExpertSet
 from moe_compress.models.loading import load_config, load_model, load_tokenizer, resolve_model
 from moe_compress.models.registry import get_adapter
@@ -201,7 +201,8 @@ def build_manifest(recipe: Recipe, method: Method, n_orig: int, n_new: int, info
         "tool": "moe-compress",
         "version": __version__,
         "model": recipe.model,
-        "method": {"name": method.name, "kind": method.kind, "params": json.loads(method.params.model_dump_json())},
+        "method": {"name": method.name, "kind": method.kind, "params": json.loads(method.params.model_dump_json()),
+                   "spec": format_method_spec(recipe.method, recipe.params)},
         "experts": {"original": n_orig, "kept": n_new},
         "calibration": calib_info,
         "mode": recipe.mode,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from moe_compress.methods.base import method_class
+from moe_compress.errors import UserError
+from moe_compress.methods.base import format_method_spec, method_class
 from moe_compress.models.loading import load_config
 from moe_compress.models.registry import get_adapter
 from moe_compress.models.surgery import check_expert_count
@@ -84,7 +85,7 @@ def describe_plan(recipe: Recipe) -> str:
         change = f"{n_orig} -> {n_new} routed experts each ({n_orig - n_new} pruned, {n_new} kept)"
     lines = [
         f"plan (dry run, nothing written): {recipe.model} -> {recipe.output}",
-        f"  method      {recipe.method} ({cls.kind}) params={recipe.params or {}}",
+        f"  method      {format_method_spec(recipe.method, recipe.params)} ({cls.kind})",
         f"  MoE layers  {len(moe_layers)} of {config.num_hidden_layers} (layers {_ranges(sorted(moe_layers))}): "
         f"{change}; top-{top_k} routing ({adapter.rule().kind}); shared experts untouched",
         f"  parameters  {total / 1e6:.2f}M -> {after / 1e6:.2f}M ({100 * (1 - after / total):.1f}% fewer); "
