@@ -84,14 +84,15 @@ def assert_user_error(proc: subprocess.CompletedProcess, *patterns: str, max_lin
 
 
 def assert_usage_error(proc: subprocess.CompletedProcess, *patterns: str) -> None:
-    """A command-line usage mistake (click): exit code 2, usage + one `Error:` line, no traceback."""
+    """A command-line usage mistake (click): exit code 2, one `error:` line with click's reason and where help
+    is, no usage block, no traceback."""
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr, proc.stderr
     assert proc.stdout == ""
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) <= 4 and lines[-1].startswith("Error:"), proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--help`)" in lines[0], proc.stderr
     for p in patterns:
-        assert p in lines[-1], (p, lines[-1])
+        assert p in lines[0], (p, lines[0])
 
 
 # ------------------------------------------------------------------------------------------------- fixtures
