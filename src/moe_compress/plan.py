@@ -28,6 +28,23 @@ def count_parameters(config) -> tuple[int, int, list[int]]:
     return total, per_expert, list(adapter.moe_blocks(model))
 
 
+def bytes_per_parameter(dtype: str) -> int:
+    """Bytes per weight of a recipe's ``dtype`` (``auto``: 2, the usual half-precision checkpoint)."""
+    return 4 if dtype == "float32" else 2
+
+
+def estimated_output_bytes(recipe: Recipe, config, n_new: int) -> int | None:
+    """The weights' size after compressing ``config`` to ``n_new`` experts (from the config alone, on the meta
+    device), for the free-space check before a run; None when the config cannot be built that way (the
+    check is then skipped: the writer still reports a full disk as a user error)."""
+    try:
+        total, per_expert, moe_layers = count_parameters(config)
+    except Exception:  # e.g. remote code that does not build on the meta device: an estimate is optional
+        return None
+    n_orig = get_adapter(config).n_experts()
+    return (total - per_expert * (n_orig - n_new) * len(moe_layers)) * bytes_per_parameter(recipe.dtype)
+
+
 def fmt_bytes(n: float) -> str:
     """A size for people: 1.50 GiB, 12.00 MiB, 3.0 KiB."""
     for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
@@ -69,16 +86,24 @@ def describe_plan(recipe: Recipe) -> str:
     n_orig = adapter.n_experts()
     n_new = recipe.target_experts(n_orig)
     if n_new >= n_orig:
-        from moe_compress.errors import UserError
-
         raise UserError(f"--experts {n_new} must be smaller than the model's {n_orig} experts per layer")
     check_expert_count(adapter, n_new)
+    c = recipe.calibration
+    if cls.needs_data:  # every path the run will read, and the output it will write, checked as the run would
+        from moe_compress.calibration.data import check_spec
+
+        if c.data is None:
+            raise UserError(f"method {recipe.method} needs calibration data: pass --calib SPEC "
+                            "(a file or folder of .txt/.jsonl, builtin:demo, hf:NAME)")
+        check_spec(c.data)
+    from moe_compress.export.writer import check_output_dir
+
+    check_output_dir(recipe.output, recipe.overwrite, estimated_output_bytes(recipe, config, n_new))
     total, per_expert, moe_layers = count_parameters(config)
     after = total - per_expert * (n_orig - n_new) * len(moe_layers)
     top_k = adapter.rule().top_k
     active = total - per_expert * (n_orig - top_k) * len(moe_layers)  # parameters one token passes through
-    bytes_per = 2 if recipe.dtype in ("bfloat16", "float16", "auto") else 4
-    c = recipe.calibration
+    bytes_per = bytes_per_parameter(recipe.dtype)
     if cls.kind == "merge":
         change = f"{n_orig} -> {n_new} routed experts each ({n_orig} merged into {n_new} groups)"
     else:
