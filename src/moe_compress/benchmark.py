@@ -67,6 +67,7 @@ class BenchSpec:
     device: str = "auto"
     seed: int = 0
     save_models: bool = False
+    save_best: str | None = None       # a folder name: keep the lowest-KL variant at the smallest budget there
     extra: dict = field(default_factory=dict)
 
 
@@ -180,6 +181,7 @@ def _run_into(spec: BenchSpec, methods: list[tuple[Variant, Method]], folder: Pa
 
     rows: list[dict] = []
     total = len(methods) * len(spec.budgets)
+    best: dict | None = None  # spec.save_best: the lowest-KL compressed model at the smallest budget so far
     for n_new in spec.budgets:
         for variant, method in methods:
             model = copy.deepcopy(original).to("cpu")
@@ -199,6 +201,10 @@ def _run_into(spec: BenchSpec, methods: list[tuple[Variant, Method]], folder: Pa
             rows.append(_row(variant, method, n_orig, n_new, res, parameter_counts(model), params_orig,
                              {"statistics": stats_s, **applier.timings, **refine_s, "export": export_s,
                               "eval": eval_s}))
+            if spec.save_best and n_new == min(spec.budgets) and (best is None or res["kld"] < best["kld"]):
+                best = {"kld": res["kld"], "model": model.to("cpu"), "variant": variant, "method": method, "n_new": n_new,
+                        "infos": applier.infos, "refined": refined,
+                        "timings": {"statistics": stats_s, **applier.timings, **refine_s}}
             del model
             if progress:
                 progress("methods", len(rows), total)
@@ -208,8 +214,31 @@ def _run_into(spec: BenchSpec, methods: list[tuple[Variant, Method]], folder: Pa
             "budgets": spec.budgets, "methods": [v.label for v in spec.variants], "seed": spec.seed,
             "device": device, "load_s": round(load_s, 3), "statistics_s": round(stats_s, 3),
             "torch": torch.__version__}
+    if best is not None:
+        meta["best_model"] = {"folder": spec.save_best, "method": best["variant"].label, "experts": best["n_new"],
+                              "kld": best["kld"]}
+        _export_best(spec, best, calib, tokenizer, n_orig, folder / spec.save_best)
     write_results(folder, rows, meta)
     return rows
+
+
+def _export_best(spec: BenchSpec, best: dict, calib, tokenizer, n_orig: int, out: Path) -> None:
+    """Write the kept variant as `moe-compress compress` writes a checkpoint (the project's exporter, a model
+    card, compression.json with a recipe that re-runs it)."""
+    from moe_compress.export.card import model_card
+    from moe_compress.export.writer import export_checkpoint
+    from moe_compress.models.loading import resolve_model
+    from moe_compress.pipeline import build_manifest
+    from moe_compress.recipe import Recipe
+
+    v = best["variant"]
+    recipe = Recipe(model=spec.model, method=v.name, params=v.params, experts=best["n_new"],
+                    calibration=spec.calibration, output=str(out), device=spec.device, seed=spec.seed)
+    manifest = build_manifest(recipe, best["method"], n_orig, best["n_new"], best["infos"], calib, best["timings"],
+                              best["refined"])
+    model = best["model"].to("cpu")
+    export_checkpoint(model, out, manifest=manifest, tokenizer_source=resolve_model(spec.model), tokenizer=tokenizer,
+                      model_card=model_card(manifest))
 
 
 def _timed_export(model, folder: Path | None) -> float:

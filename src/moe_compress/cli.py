@@ -413,13 +413,15 @@ def demo(
 ) -> None:
     """Compress the bundled testbed (builtin:mixtral-8e) 8 -> 6 and 8 -> 4 experts with the best available
     methods, evaluate against the original and print the comparison (a few minutes on a laptop CPU)."""
-    from moe_compress.demo import run_demo
+    from moe_compress.demo import demo_spec, next_steps, run_demo
     from moe_compress.report.bench import summary_table
 
     with progress_bar(not quiet) as progress:
-        rows = run_demo(out, overwrite=overwrite, progress=progress)
+        rows, best = run_demo(out, overwrite=overwrite, progress=progress)
     out_console.print(summary_table(rows), markup=False, soft_wrap=True)
-    out_console.print(f"wrote {out}/results.md and plots", markup=False)
+    out_console.print(f"wrote {out}/results.md, plots and the kept checkpoint {best}", markup=False)
+    for line in next_steps(best, demo_spec().eval_data):
+        out_console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def _mount_testbed() -> None:
