@@ -699,3 +699,19 @@ def test_dry_run_checks_every_path_it_would_read(run, work, saved_models):
     proc = run("compress", "--recipe", recipe, "--dry-run", "--calib", "builtin:nope", cwd=work)
     assert_user_error(proc, "unknown builtin data 'nope'", max_lines=1)
     assert listing(work) == set()
+
+
+def test_eval_json_in_an_unwritable_folder_is_refused_first(run, work, saved_models, monkeypatch):
+    """`eval --json` into a folder this process may not write (os.access mocked, as for root any folder is
+    writable): refused before the evaluation runs."""
+    real_access = os.access
+    ro = work / "ro"
+    ro.mkdir()
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == ro and mode & os.W_OK
+                        else real_access(p, mode, **kw))
+    from moe_compress.evaluation import api
+
+    monkeypatch.setattr(api, "evaluate_model", lambda *a, **k: pytest.fail("evaluated before refusing --json"))
+    proc = run("eval", saved_models["mixtral"], "--data", "builtin:demo", "--json", ro / "e.json", "-q", cwd=work)
+    assert_user_error(proc, "no permission to write in", max_lines=1)
+    assert listing(ro) == set()

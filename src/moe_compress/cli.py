@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from moe_compress.errors import UserError, is_disk_full
 
@@ -283,7 +284,9 @@ def methods_cmd(names: bool = typer.Option(False, "--names", help="print only th
         for name in methods:
             out_console.print(name)
         return
-    table = Table("method", "kind", "what it does", "parameters (defaults)")
+    table = Table("method", "kind", "what it does", "parameters (defaults)",
+                  caption=Text("set parameters as --method 'NAME[key=value,...]' (or --param key=value); the same "
+                               "syntax in recipes (method:) and bench --methods"))
     for cls in methods.values():
         d = cls.describe()
         table.add_row(d["name"], d["kind"], d["summary"], ", ".join(f"{k}={v}" for k, v in d["params"].items()))
@@ -336,6 +339,10 @@ def eval_cmd(
             raise UserError(f"--json {json_out} is a folder; give a file name, e.g. {json_out / 'eval.json'}")
         if not json_out.parent.is_dir():
             raise UserError(f"--json {json_out}: folder {json_out.parent} does not exist; create it first")
+        import os
+
+        if not os.access(json_out.parent, os.W_OK | os.X_OK):
+            raise UserError(f"--json {json_out}: no permission to write in {json_out.parent}; choose another file")
     with progress_bar(not quiet) as progress:
         result = evaluate_model(model, reference=reference, data=data, tasks=_split(tasks), tasks_dir=tasks_dir,
                                 limit=limit, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size,
