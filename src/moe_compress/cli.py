@@ -4,6 +4,7 @@ and the path of a log holding the traceback."""
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import traceback
@@ -339,8 +340,6 @@ def eval_cmd(
             raise UserError(f"--json {json_out} is a folder; give a file name, e.g. {json_out / 'eval.json'}")
         if not json_out.parent.is_dir():
             raise UserError(f"--json {json_out}: folder {json_out.parent} does not exist; create it first")
-        import os
-
         if not os.access(json_out.parent, os.W_OK | os.X_OK):
             raise UserError(f"--json {json_out}: no permission to write in {json_out.parent}; choose another file")
     with progress_bar(not quiet) as progress:
