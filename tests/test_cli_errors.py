@@ -410,7 +410,17 @@ def test_interrupted_run(work):
     # always lands inside it (with builtin:demo a fast machine finished before the signal arrived)
     calib = work.parent / "calib.txt"
     calib.write_text("".join(f"Line {i}: the court held that the contract was void.\n" for i in range(60000)))
-    proc = subprocess.Popen([sys.executable, "-m", "moe_compress.cli", "compress", "builtin:mixtral-8e", "--method",
+    # The real console entry point in a real process (signal handling is what is tested), with one addition: the
+    # first progress update prints a marker, so the signal is sent once calibration runs (a log shows a stage
+    # only when it has finished, which here is the end of the run).
+    hook = ("import sys\nimport moe_compress.cli as cli\nupdate = cli._StageLog.update\n"
+            "def marked(self, stage, done, total):\n"
+            "    if not getattr(self, 'marked', False):\n"
+            "        self.marked = True\n"
+            "        print(f'started {stage}', file=sys.stderr, flush=True)\n"
+            "    update(self, stage, done, total)\n"
+            "cli._StageLog.update = marked\nsys.argv = ['moe-compress', *sys.argv[1:]]\ncli.main()\n")
+    proc = subprocess.Popen([sys.executable, "-c", hook, "compress", "builtin:mixtral-8e", "--method",
                              "frequency", "--experts", "6", "--calib", str(calib), "--n-samples", "2048",
                              "--seq-len", "256", "--out", "out"], cwd=work, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
@@ -419,9 +429,9 @@ def test_interrupted_run(work):
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     try:
-        for line in proc.stderr:  # on a non-terminal the CLI names each stage as it starts
+        for line in proc.stderr:
             seen.append(line)
-            if line.startswith("batches"):
+            if line.startswith("started batches"):
                 break
         else:
             pytest.fail("the run ended before calibration started: " + "".join(seen))
