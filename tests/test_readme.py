@@ -90,9 +90,9 @@ def clone(tmp_path_factory) -> Path:
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout: cannot tell which files a clone holds")
     dest = tmp_path_factory.mktemp("fresh") / "moe-compress"
-    for name in filter(None, files):
+    for name in dict.fromkeys(filter(None, files)):  # a file with merge conflicts is listed once per stage
         src, dst = ROOT / name, dest / name
-        if not src.is_file():
+        if not src.is_file() or dst.exists():
             continue  # deleted in the working tree
         dst.parent.mkdir(parents=True, exist_ok=True)
         try:
