@@ -203,7 +203,7 @@ def _run_into(spec: BenchSpec, methods: list[tuple[Variant, Method]], folder: Pa
                               "eval": eval_s}))
             if spec.save_best and n_new == min(spec.budgets) and (best is None or res["kld"] < best["kld"]):
                 best = {"kld": res["kld"], "model": model.to("cpu"), "variant": variant, "method": method, "n_new": n_new,
-                        "infos": applier.infos, "refined": refined,
+                        "infos": applier.infos, "refined": refined, "original_params": params_orig["params"],
                         "timings": {"statistics": stats_s, **applier.timings, **refine_s}}
             del model
             if progress:
@@ -234,11 +234,17 @@ def _export_best(spec: BenchSpec, best: dict, calib, tokenizer, n_orig: int, out
     v = best["variant"]
     recipe = Recipe(model=spec.model, method=v.name, params=v.params, experts=best["n_new"],
                     calibration=spec.calibration, output=str(out), device=spec.device, seed=spec.seed)
+    from moe_compress.export.dtypes import resolve_policy
+    from moe_compress.pipeline import source_size
+
     manifest = build_manifest(recipe, best["method"], n_orig, best["n_new"], best["infos"], calib, best["timings"],
                               best["refined"])
     model = best["model"].to("cpu")
-    export_checkpoint(model, out, manifest=manifest, tokenizer_source=resolve_model(spec.model), tokenizer=tokenizer,
-                      model_card=model_card(manifest))
+    source = resolve_model(spec.model)
+    export_checkpoint(model, out, manifest=manifest, adapter=get_adapter(model),
+                      policy=resolve_policy(recipe.save_dtype, source, model.config, type(model)),
+                      original_params=best["original_params"], source_bytes=source_size(source),
+                      tokenizer_source=source, tokenizer=tokenizer, model_card=model_card)
 
 
 def _timed_export(model, folder: Path | None) -> float:

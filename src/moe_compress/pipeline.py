@@ -20,6 +20,7 @@ from moe_compress.calibration.runner import LayerRun, run_layers
 from moe_compress.calibration.stats import Statistics
 from moe_compress.errors import UserError
 from moe_compress.export.card import model_card
+from moe_compress.export.dtypes import resolve_policy
 from moe_compress.export.writer import check_output_dir, export_checkpoint
 from moe_compress.methods.base import LayerContext, Method, format_method_spec, get_method
 from moe_compress.models.layer import ExpertSet
@@ -172,6 +173,7 @@ def compress(recipe: Recipe, progress: Progress | None = None, write: bool = Tru
     tokenizer = load_tokenizer(recipe.model, trust_remote_code=recipe.trust_remote_code)
     adapter = get_adapter(model)
     n_orig = adapter.n_experts()
+    original_params = sum(p.numel() for p in model.parameters())
     calib = calibration_set(recipe, tokenizer) if method.needs_data else None
     teacher = copy.deepcopy(model) if method.needs_teacher else None  # the original, for `Method.refine`
     timings = {"load": time.perf_counter() - t0}
@@ -188,10 +190,21 @@ def compress(recipe: Recipe, progress: Progress | None = None, write: bool = Tru
     if write:
         t1 = time.perf_counter()
         source = resolve_model(recipe.model)
-        export_checkpoint(model, recipe.output, manifest=manifest, tokenizer_source=source, tokenizer=tokenizer,
-                          model_card=model_card(manifest), overwrite=recipe.overwrite)
+        policy = resolve_policy(recipe.save_dtype, source, model.config, type(model))
+        export_checkpoint(model, recipe.output, manifest=manifest, adapter=adapter, policy=policy,
+                          original_params=original_params, source_bytes=source_size(source),
+                          tokenizer_source=source, tokenizer=tokenizer, model_card=model_card,
+                          overwrite=recipe.overwrite)
         timings["export"] = time.perf_counter() - t1
     return CompressResult(model, tokenizer, manifest, stats, timings)
+
+
+def source_size(source: str) -> int | None:
+    """Bytes of the source checkpoint's safetensors files (None when they are not on this machine)."""
+    from moe_compress.export.dtypes import source_folder, written_bytes
+
+    folder = source_folder(source)
+    return written_bytes(folder) if folder is not None else None
 
 
 def _sources(s: ExpertSet) -> list[list[list]]:

@@ -33,16 +33,24 @@ def bytes_per_parameter(dtype: str) -> int:
     return 4 if dtype == "float32" else 2
 
 
+def written_dtype(recipe: Recipe, config) -> torch.dtype:
+    """The main dtype the checkpoint is written in (``save_dtype``; ``source``: the source's, from its config)."""
+    from moe_compress.export.dtypes import main_dtype
+
+    return main_dtype({}, None, config) if recipe.save_dtype == "source" else getattr(torch, recipe.save_dtype)
+
+
 def estimated_output_bytes(recipe: Recipe, config, n_new: int) -> int | None:
-    """The weights' size after compressing ``config`` to ``n_new`` experts (from the config alone, on the meta
-    device), for the free-space check before a run; None when the config cannot be built that way (the
-    check is then skipped: the writer still reports a full disk as a user error)."""
+    """The written weights' size after compressing ``config`` to ``n_new`` experts (from the config alone, on the
+    meta device, in the written dtype), for the free-space check before a run; None when the config cannot be
+    built that way (the check is then skipped: the writer still reports a full disk as a user error)."""
     try:
         total, per_expert, moe_layers = count_parameters(config)
     except Exception:  # e.g. remote code that does not build on the meta device: an estimate is optional
         return None
     n_orig = get_adapter(config).n_experts()
-    return (total - per_expert * (n_orig - n_new) * len(moe_layers)) * bytes_per_parameter(recipe.dtype)
+    written = torch.empty(0, dtype=written_dtype(recipe, config)).element_size()
+    return (total - per_expert * (n_orig - n_new) * len(moe_layers)) * written
 
 
 def fmt_bytes(n: float) -> str:
@@ -104,6 +112,8 @@ def describe_plan(recipe: Recipe) -> str:
     top_k = adapter.rule().top_k
     active = total - per_expert * (n_orig - top_k) * len(moe_layers)  # parameters one token passes through
     bytes_per = bytes_per_parameter(recipe.dtype)
+    saved = written_dtype(recipe, config)
+    saved_bytes = torch.empty(0, dtype=saved).element_size()
     if cls.kind == "merge":
         change = f"{n_orig} -> {n_new} routed experts each ({n_orig} merged into {n_new} groups)"
     else:
@@ -115,6 +125,8 @@ def describe_plan(recipe: Recipe) -> str:
         f"{change}; top-{top_k} routing ({adapter.rule().kind}); shared experts untouched",
         f"  parameters  {total / 1e6:.2f}M -> {after / 1e6:.2f}M ({100 * (1 - after / total):.1f}% fewer); "
         f"weights {fmt_bytes(total * bytes_per)} -> {fmt_bytes(after * bytes_per)} at {bytes_per} bytes per parameter",
+        f"  written     {fmt_bytes(after * saved_bytes)} in {str(saved).removeprefix('torch.')} "
+        f"(save dtype {recipe.save_dtype}{': the config dtype' if recipe.save_dtype == 'source' else ''})",
     ]
     if cls.needs_data:
         tokens = c.n_samples * c.seq_len

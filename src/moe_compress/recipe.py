@@ -48,7 +48,8 @@ class Recipe(_Strict):
     overwrite: bool = False
     mode: Literal["oneshot", "sequential"] = "oneshot"
     device: str = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"   # compute dtype while compressing
+    save_dtype: Literal["source", "float32", "bfloat16", "float16"] = "source"  # dtype of the written tensors
     seed: int = 0
     trust_remote_code: bool = False
     evaluation: Evaluation | None = None

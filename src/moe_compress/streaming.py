@@ -53,9 +53,10 @@ from moe_compress.calibration.runner import capture_layer_inputs
 from moe_compress.distributed import DistContext, broadcast_object, init_from_env, reduce_observer
 from moe_compress.errors import UserError
 from moe_compress.export.card import model_card
+from moe_compress.export.dtypes import SavePolicy, resolve_policy
 from moe_compress.export.shards import hub_tensors, shard_name, write_index, write_shard
-from moe_compress.export.writer import (apply_umask_modes, check_output_dir, copy_tokenizer, move_into_place,
-                                        write_json)
+from moe_compress.export.writer import (apply_umask_modes, check_output_dir, copy_tokenizer, export_record,
+                                        keep_source_architectures, move_into_place, write_json)
 from moe_compress.plan import fmt_bytes
 
 Progress = Callable[[str, int, int], None]
@@ -313,7 +314,7 @@ def _run(recipe, ctx: DistContext, max_gpu_memory, progress, log, offload) -> St
     from moe_compress.models.lazy import LazyCheckpoint
     from moe_compress.models.loading import load_tokenizer, resolve_model
     from moe_compress.pipeline import (MethodApplier, build_manifest, calibration_set, pick_device, pick_dtype,
-                                       require_calibration, validate_budget)
+                                       require_calibration, source_size, validate_budget)
     from moe_compress.plan import estimated_output_bytes
 
     t_start = time.perf_counter()
@@ -336,6 +337,8 @@ def _run(recipe, ctx: DistContext, max_gpu_memory, progress, log, offload) -> St
     model, adapter = lazy.model, lazy.adapter
     n_orig = adapter.n_experts()
     n_new = validate_budget(recipe, adapter)
+    original_params = sum(p.numel() for p in model.parameters())  # meta tensors count too
+    policy = resolve_policy(recipe.save_dtype, source, model.config, type(model))
     tokenizer = calib = None
     if method.needs_data:
         tokenizer = load_tokenizer(source, trust_remote_code=recipe.trust_remote_code)
@@ -467,8 +470,8 @@ def _run(recipe, ctx: DistContext, max_gpu_memory, progress, log, offload) -> St
         # write the layer, the hidden states that feed the next one, then commit the progress
         if ctx.is_writer:
             write_shard(partial / shard_name(i, n_files),
-                        hub_tensors(model.config.model_type, adapter.spec.layout, f"{prefix}{i}.",
-                                    layer.state_dict()))
+                        policy.cast(hub_tensors(model.config.model_type, adapter.spec.layout, f"{prefix}{i}.",
+                                                layer.state_dict())))
         lazy.release(i, layer, offload)
         if calib is not None and mine:
             write_shard(_hidden_file(partial, i, ctx.rank), {f"b{b}": h.contiguous() for b, h in zip(mine, hidden)})
@@ -497,7 +500,8 @@ def _run(recipe, ctx: DistContext, max_gpu_memory, progress, log, offload) -> St
     manifest["streaming"] = {"world_size": ctx.world, **mem.as_dict()}
     if ctx.is_writer:
         t0 = time.perf_counter()
-        _finish(partial, out, lazy, adapter, n_new, n_files, source, tokenizer, manifest, recipe.overwrite)
+        _finish(partial, out, lazy, adapter, n_new, n_files, source, tokenizer, manifest, recipe.overwrite, policy,
+                original_params)
         all_timings["write"] += time.perf_counter() - t0
     ctx.barrier()
     return StreamResult(out, manifest, mem, all_timings, start if state is not None else None, lazy.peak_bytes,
@@ -505,9 +509,11 @@ def _run(recipe, ctx: DistContext, max_gpu_memory, progress, log, offload) -> St
 
 
 def _finish(partial: Path, out: Path, lazy, adapter, n_new: int, n_files: int, source: str, tokenizer,
-            manifest: dict, overwrite: bool) -> None:
-    """Write the non-layer weights, index, config, tokenizer, manifest and card; rename into ``out``."""
+            manifest: dict, overwrite: bool, policy: SavePolicy, original_params: int) -> None:
+    """Write the non-layer weights (in their written dtypes), index, config, tokenizer, manifest (with the
+    written dtypes and sizes) and card; rename into ``out``."""
     from moe_compress.models.lazy import _memory_to_disk
+    from moe_compress.pipeline import source_size
     from moe_compress.models.registry import get_adapter
 
     model = lazy.model
@@ -519,22 +525,25 @@ def _finish(partial: Path, out: Path, lazy, adapter, n_new: int, n_files: int, s
         code = lazy.files.entries[k][1]
         floating = code in ("F64", "F32", "F16", "BF16")
         rest[k] = lazy.files.read(k, dtype=lazy.dtype if floating else None).contiguous()
-    write_shard(partial / shard_name(n_files - 1, n_files), rest)
+    write_shard(partial / shard_name(n_files - 1, n_files), policy.cast(rest))
     del rest
     write_index(partial, [shard_name(i, n_files) for i in range(n_files)])
     cfg = copy.deepcopy(model.config)
     get_adapter(cfg).set_n_experts(n_new)
     cfg.architectures = [type(model).__name__]
+    cfg.dtype = policy.main
     cfg.save_pretrained(partial)
+    keep_source_architectures(partial, source)
     gen = getattr(model, "generation_config", None)
     if gen is not None and model.can_generate():
         gen.save_pretrained(partial)
     copy_tokenizer(source, partial, tokenizer)
-    write_json(partial / "compression.json", manifest)
-    (partial / "README.md").write_text(model_card(manifest))
     for f in list(partial.glob("hidden-*.safetensors")) + [partial / STATE_FILE]:
         if f.exists():
             f.unlink()
+    manifest["export"] = export_record(policy, original_params, source_size(source), partial)  # hidden-*: gone
+    write_json(partial / "compression.json", manifest)
+    (partial / "README.md").write_text(model_card(manifest))
     if out.exists() and not overwrite:
         raise UserError(f"output folder {out} already exists; choose another --out or pass --overwrite")
     apply_umask_modes(partial)  # the modes of a plain mkdir/open, as the in-memory export

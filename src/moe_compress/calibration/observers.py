@@ -19,8 +19,10 @@ plug-ins registered in `EXTRA_OBSERVERS` under each statistic name they provide;
 a method asks for. Each sees every batch as (hidden [T, H], top-k indices [T, k], weights [T, k], real-token
 mask [T]) through `update`, and returns {statistic: tensor} from `result`. Before each `update` the observer's
 ``token_domain`` attribute is set to the batch's per-token domain ids [T] (int64), or None when the
-calibration data has no domains. The built-in plug-ins (`calibration.similarity`, `calibration.moments`,
-`calibration.domains`) register themselves the first time `make_observers` runs.
+calibration data has no domains. A plug-in that also defines ``update_routed`` receives, after the experts ran,
+the routed outputs the model itself computed (see `LayerObserver.update_routed`), so statistics of the routed
+outputs cost no second expert pass. The built-in plug-ins (`calibration.similarity`, `calibration.moments`,
+`calibration.domains`, `calibration.routed`) register themselves the first time `make_observers` runs.
 
 On accelerators the routed experts run as one grouped matrix product per projection
 (``torch.nn.functional.grouped_mm`` / ``torch._grouped_mm``, like transformers' ``grouped_mm`` backend) where
@@ -60,6 +62,11 @@ class LayerObserver:
 
     def result(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    # Optional: define ``update_routed(hidden, tok, expert, y, weight, keep)`` to receive the routed outputs of
+    # every batch: hidden [T, H] the MoE block's input, and per routed (token, slot) row r (all [R], rows grouped
+    # by expert): tok[r] the token, expert[r] the expert, y [R, H] its output (before the routing weight),
+    # weight[r] the routing weight as the model applies it, keep[r] True for real (non-padding) tokens.
 
 
 EXTRA_OBSERVERS: dict[str, type[LayerObserver]] = {}
@@ -104,6 +111,7 @@ class InputCapture(LayerObserver):
 def _load_builtin_observers() -> None:
     import moe_compress.calibration.domains  # noqa: F401  (registration side effects)
     import moe_compress.calibration.moments  # noqa: F401
+    import moe_compress.calibration.routed  # noqa: F401
     import moe_compress.calibration.similarity  # noqa: F401
 
 
@@ -216,6 +224,10 @@ class ObservedExperts:
         self.acc.update_rows(sorted_e, norms, peaks, w.float(), renorm.float(),
                              None if self.token_mask is None else mask[tok])
         self.acc.tokens += int(mask.sum())
+        for obs in self.extra:
+            routed = getattr(obs, "update_routed", None)
+            if routed is not None:
+                routed(hidden, tok, sorted_e, y, w, mask[tok])
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         weighted = (y * w[:, None].to(y.dtype))[inverse]

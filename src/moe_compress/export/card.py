@@ -19,9 +19,10 @@ def model_card(manifest: dict) -> str:
         "| | |",
         "|---|---|",
         f"| method | `{m['name']}` ({m['kind']}) |",
-        f"| parameters | `{m['params']}` |",
+        f"| method parameters | `{m['params']}` |",
         f"| calibration | {calib.get('spec', 'none')} ({calib.get('n_samples', 0)} x {calib.get('seq_len', 0)} tokens) |",
         f"| mode | {manifest.get('mode')} |",
+        *_export_rows(manifest.get("export")),
         "",
         "`compression.json` records, for every layer, which original experts each new expert comes from and with "
         "what weights, the calibration data hash, timings and the full recipe to re-run this compression:",
@@ -32,3 +33,18 @@ def model_card(manifest: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _export_rows(x: dict | None) -> list[str]:
+    """Table rows for the written dtype and size (``manifest["export"]``)."""
+    if not x:
+        return []
+    dtypes = ", ".join(f"{n} {k}" for k, n in x["tensors_by_dtype"].items())
+    p, b = x["parameters"], x["bytes"]
+    rows = [f"| written dtype | {x['main_dtype']} (`save_dtype: {x['save_dtype']}`; tensors: {dtypes}) |",
+            f"| parameters | {p['original']:,} -> {p['written']:,} ({100 * p['fraction']:.1f}%) |"]
+    if b["source"]:
+        rows.append(f"| weights on disk | {b['source']:,} -> {b['written']:,} bytes ({100 * b['fraction']:.1f}%) |")
+    else:
+        rows.append(f"| weights on disk | {b['written']:,} bytes |")
+    return rows

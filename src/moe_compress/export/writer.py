@@ -10,9 +10,10 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from moe_compress.errors import UserError, is_disk_full
+from moe_compress.export.dtypes import SavePolicy, cast_model, written_bytes, written_dtypes, written_params
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
@@ -133,6 +134,23 @@ def save_model(model, folder: Path, max_shard_size: str = "2GB") -> None:
     model.save_pretrained(folder, safe_serialization=True, max_shard_size=max_shard_size)
 
 
+def keep_source_architectures(folder: Path, source: str | Path | None) -> None:
+    """Write the source config's ``architectures`` back into ``folder/config.json``.
+
+    `save_pretrained` records transformers' class name, which is not always the name the hub checkpoint (and so
+    vLLM's model registry) uses: Phi-3.5-MoE is ``PhiMoEForCausalLM`` on the hub and in vLLM but
+    ``PhimoeForCausalLM`` in transformers, and vLLM would fall back to its generic Transformers backend for the
+    latter. Both names load the same class in transformers (it picks the class by ``model_type``)."""
+    if source is None or not (Path(source) / "config.json").is_file():
+        return
+    original = json.loads((Path(source) / "config.json").read_text()).get("architectures")
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if original and cfg.get("architectures") != original:
+        cfg["architectures"] = original
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
 def copy_tokenizer(source: str | Path | None, folder: Path, tokenizer=None) -> list[str]:
     """Copy tokenizer files from a local checkpoint folder (or save ``tokenizer``); returns the file names."""
     copied = []
@@ -151,16 +169,39 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def export_checkpoint(model, out: str | Path, *, manifest: dict, tokenizer_source: str | Path | None = None,
-                      tokenizer=None, model_card: str | None = None, overwrite: bool = False,
+def export_record(policy: SavePolicy, original_params: int, source_bytes: int | None, folder: Path) -> dict:
+    """compression.json's ``export`` entry: the dtypes and parameter count of the tensors written into ``folder``
+    (read back from the safetensors headers), against ``original_params`` and ``source_bytes``."""
+    written, n = written_bytes(folder), written_params(folder)
+    return {**policy.describe(), "tensors_by_dtype": written_dtypes(folder),
+            "parameters": {"original": original_params, "written": n, "fraction": round(n / original_params, 6)},
+            "bytes": {"source": source_bytes, "written": written,
+                      "fraction": None if not source_bytes else round(written / source_bytes, 6)}}
+
+
+def export_checkpoint(model, out: str | Path, *, manifest: dict, adapter=None, policy: SavePolicy | None = None,
+                      original_params: int | None = None, source_bytes: int | None = None,
+                      tokenizer_source: str | Path | None = None, tokenizer=None,
+                      model_card: Callable[[dict], str] | None = None, overwrite: bool = False,
                       extra_files: dict[str, bytes] | None = None) -> Path:
-    """Write ``model`` + tokenizer + compression.json (``manifest``) + README.md to ``out`` atomically."""
+    """Write ``model`` + tokenizer + compression.json (``manifest``) + README.md to ``out`` atomically.
+
+    With a ``policy`` (and the model's ``adapter``) the model's tensors are first cast in place to their written
+    dtypes (`moe_compress.export.dtypes`), and ``manifest["export"]`` records the dtypes, the parameters
+    (``original_params`` -> written) and the bytes (``source_bytes`` -> written); the card is made from the
+    completed manifest."""
     with atomic_output_dir(out, overwrite) as tmp:
+        if policy is not None:
+            cast_model(model, adapter, policy)
         save_model(model, tmp)
+        keep_source_architectures(tmp, tokenizer_source)
+        if policy is not None:
+            n = original_params or sum(p.numel() for p in model.parameters())
+            manifest["export"] = export_record(policy, n, source_bytes, tmp)
         copy_tokenizer(tokenizer_source, tmp, tokenizer)
         write_json(tmp / "compression.json", manifest)
-        if model_card:
-            (tmp / "README.md").write_text(model_card)
+        if model_card is not None:
+            (tmp / "README.md").write_text(model_card(manifest))
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
     return Path(out)

@@ -129,6 +129,10 @@ class SafetensorsFolder:
     def shape(self, key: str) -> tuple[int, ...]:
         return self.entries[key][2]
 
+    def dtype(self, key: str) -> torch.dtype | None:
+        """The stored dtype of ``key`` (None for a dtype torch cannot read here)."""
+        return _DTYPES.get(self.entries[key][1])
+
     def read(self, key: str, out: torch.Tensor | None = None, device="cpu", dtype=None) -> torch.Tensor:
         """Tensor ``key``; written into ``out`` (any device/dtype, same shape) when given."""
         path, code, shape, offset, nbytes = self.entries[key]
@@ -182,6 +186,18 @@ def _memory_to_disk(name: str, names: DiskNames) -> str:
     for old, new in reversed(names.renames):
         name = name.replace(new, old)
     return name
+
+
+def disk_key(model_type: str, layout: str, mem_key: str) -> str:
+    """The hub (on-disk) name of in-memory state-dict entry ``mem_key``; for a fused expert tensor
+    (``...experts.gate_up_proj`` / ``...experts.down_proj`` of the ``fused`` layout) the name of expert 0's
+    (first) slice of it."""
+    names = DISK_NAMES[model_type]
+    base, _, leaf = mem_key.rpartition(".")
+    if layout == "fused" and leaf in ("gate_up_proj", "down_proj") and base.endswith(".experts"):
+        gate, _up, down = names.expert_leaves
+        return _memory_to_disk(f"{base}.0.{down if leaf == 'down_proj' else gate}.weight", names)
+    return _memory_to_disk(mem_key, names)
 
 
 _EXPERT_KEY = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<e>\d+)\.(?P<leaf>[^.]+)\.weight$")

@@ -6,7 +6,9 @@ a trained testbed is a standard checkpoint that transformers (and vLLM) load lik
 - ``mixtral``: 8 experts, top-2, softmax router, untied embeddings (the ``mixtral-8e`` testbed, ~14.4M params).
 - ``deepseek_v3``: 32 fine-grained routed experts, top-4 chosen within the 2 best of 4 groups, 1 shared expert,
   sigmoid scores with ``e_score_correction_bias`` (``topk_method="noaux_tc"``), first layer dense, MLA attention
-  (the ``deepseek-fine`` testbed, ~21.8M params).
+  with ``kv_lora_rank`` 512 + ``qk_rope_head_dim`` 64 = 576, the one size vLLM's MLA kernels serve (as
+  DeepSeek-V2/V3 themselves; bench/vllm_parity.py checks it). The shipped ``deepseek-fine`` testbed was trained
+  before with ``--set kv_lora_rank=64 --set qk_rope_head_dim=16`` (80: transformers runs it, vLLM refuses it).
 - ``qwen2_moe``: 16 experts, top-4, plus a gated shared expert.
 - ``olmoe``: 16 experts, top-4, softmax without renormalisation.
 """
@@ -34,8 +36,8 @@ PRESETS: dict[str, dict] = {
     ),
     "deepseek_v3": dict(
         hidden_size=256, intermediate_size=768, moe_intermediate_size=128, num_hidden_layers=6,
-        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32,
-        qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=32, num_experts_per_tok=4, n_group=4, topk_group=2,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=128, kv_lora_rank=512, qk_nope_head_dim=32,
+        qk_rope_head_dim=64, v_head_dim=32, n_routed_experts=32, num_experts_per_tok=4, n_group=4, topk_group=2,
         n_shared_experts=1, first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.5,
         topk_method="noaux_tc", scoring_func="sigmoid", num_nextn_predict_layers=0, tie_word_embeddings=False,
     ),
