@@ -5,7 +5,12 @@
 #
 #   bench/testbeds.sh TRAIN EVAL OUT [extra `moe-compress bench` options, e.g. --device cuda]
 #   bench/testbeds.sh ../shared/data/train ../shared/data/eval runs/testbeds --device cuda   (8 min on one H100)
-# MODELS=... (one testbed) and OURS=... (another list of our variants) override the defaults.
+# TRAIN and EVAL are data SPECs. The RESULTS tables used the project's corpus (../shared/data beside the
+# checkout; it is not part of a clone). From a clone alone, the bundled samples run the same table on far less
+# text (64 calibration rows of 256 tokens; not the RESULTS numbers):
+#   N_SAMPLES=64 SEQ_LEN=256 bench/testbeds.sh builtin:demo builtin:demo-eval runs/testbeds-demo
+# MODELS=... (one testbed), OURS=... (another list of our variants), N_SAMPLES / SEQ_LEN (calibration rows and
+# their length, default 1024 x 512) override the defaults.
 set -euo pipefail
 [ $# -ge 3 ] || { echo "usage: $0 TRAIN EVAL OUT [bench options]" >&2; exit 2; }
 train=$1 eval=$2 out=$3
@@ -19,5 +24,5 @@ ours=${OURS:-"refit,refit[select=naee],refit[select=naee,$d],refit[select=naee,r
 
 ${MOE_COMPRESS:-moe-compress} bench ${MODELS:-builtin:mixtral-8e builtin:deepseek-fine} \
   --methods "$pruning,$merging,$submoe_switches,$ours" \
-  --ratio 0.25,0.5 --calib "$train" --n-samples 1024 --seq-len 512 \
+  --ratio 0.25,0.5 --calib "$train" --n-samples "${N_SAMPLES:-1024}" --seq-len "${SEQ_LEN:-512}" \
   --data "$eval" --eval-seq-len 512 --max-windows 32 --batch-size 16 --seed 0 --out "$out" "$@"

@@ -98,3 +98,33 @@ def test_bench_unknown_method_is_refused_before_work(monkeypatch, capsys, saved_
                            "--experts", "6", "--calib", text_file, "--data", text_file, "--out", out, "--quiet")
     assert_user_error(code, err, "frequency")
     assert not out.exists()
+
+
+def test_save_best_keeps_the_lowest_kl_checkpoint(saved_models, text_file, tokenizer, tmp_path):
+    """`BenchSpec.save_best` (what `make demo` uses): the lowest-KL variant at the smallest budget is written with
+    the normal exporter; it loads with transformers, evaluates like its row, and its compression.json re-runs
+    it with `compress --recipe`."""
+    from transformers import AutoModelForCausalLM
+
+    from moe_compress.benchmark import BenchSpec, run_bench
+    from moe_compress.demo import next_steps
+    from moe_compress.recipe import Calibration
+
+    spec = BenchSpec(model=str(saved_models["mixtral"]), variants=parse_variants("random,reap,frequency"),
+                     budgets=[6, 4], calibration=Calibration(data=str(text_file), n_samples=4, seq_len=32,
+                                                             batch_size=2),
+                     eval_data=str(text_file), eval_seq_len=32, max_windows=2, eval_batch_size=2, device="cpu",
+                     save_best="best-model")
+    rows = run_bench(spec, tmp_path / "b")
+    at4 = [r for r in rows if r["experts"] == 4]
+    winner = min(at4, key=lambda r: r["kld"])
+    best = tmp_path / "b" / "best-model"
+    manifest = json.loads((best / "compression.json").read_text())
+    assert manifest["method"]["spec"] == winner["method"] and manifest["experts"] == {"original": 8, "kept": 4}
+    assert manifest["recipe"]["method"] == winner["method"] and manifest["recipe"]["experts"] == 4
+    assert json.loads((tmp_path / "b" / "results.json").read_text())["meta"]["best_model"]["method"] == winner["method"]
+    model = AutoModelForCausalLM.from_pretrained(best)
+    assert model.config.num_local_experts == 4
+    lines = next_steps(best, str(text_file))
+    assert any(line.strip().startswith(f"evaluate: moe-compress eval {best}") for line in lines)
+    assert any("vllm serve" in line for line in lines) and any("from_pretrained" in line for line in lines)

@@ -115,3 +115,62 @@ def test_console_script_exit_code_and_one_line():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "model folder not found" in proc.stderr
+
+
+@pytest.mark.parametrize("umask,folder_mode,file_mode", [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600)])
+@pytest.mark.parametrize("stream", [False, True])
+def test_output_modes_follow_the_umask(monkeypatch, capsys, saved_models, tmp_path, umask, folder_mode, file_mode,
+                                       stream):
+    """The output folder and every file in it (model.safetensors included, which the weights writer creates
+    privately) get the modes of a plain mkdir/open under the user's umask, as save_pretrained's own output
+    would; in memory and streamed (.OUT.partial)."""
+    import os
+    import stat
+
+    out = tmp_path / "m"
+    old = os.umask(umask)
+    try:
+        code, _, err = run_cli(monkeypatch, capsys, "compress", saved_models["mixtral"], "--method", "random",
+                               "--experts", "4", "--out", out, "-q", *(["--stream"] if stream else []))
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    assert stat.S_IMODE(out.stat().st_mode) == folder_mode
+    weights = sorted(out.glob("*.safetensors"))
+    assert weights and (out / "config.json").is_file()
+    for f in out.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == file_mode, f
+
+
+def test_piped_progress_is_one_line_per_finished_stage():
+    """Without a terminal: no bars and no placeholders; a stage run once per layer (batches) is one line with its
+    pass count, written when another stage finishes; an unfinished stage writes nothing."""
+    from moe_compress.cli import _StageLog
+
+    lines = []
+    log = _StageLog(lambda text, **kw: lines.append(text))
+    for layer in range(3):
+        for b in range(4):
+            log.update("batches", b + 1, 4)
+        log.update("layers", layer + 1, 3)
+    for d in ("eval code", "eval wiki"):
+        for w in range(2):
+            log.update(d, w + 1, 2)
+    log.update("distill", 3, 10)  # interrupted
+    log.close()
+    assert [line.split(" (")[0] for line in lines] == ["batches: 4/4 in each of 3 passes", "layers: 3/3",
+                                                       "eval code: 2/2", "eval wiki: 2/2"]
+    assert all(line.endswith(" s)") for line in lines)
+
+
+def test_piped_compress_log(monkeypatch, capsys, saved_models, text_file, tmp_path):
+    """The whole command with stderr not a terminal (as under capsys): clean lines, no `stage ...` placeholders."""
+    code, out, err = run_cli(monkeypatch, capsys, "compress", saved_models["mixtral"], "--method", "reap",
+                             "--experts", "4", "--calib", text_file, "--n-samples", "4", "--seq-len", "16",
+                             "--batch-size", "2", "--out", tmp_path / "m")
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert [line.split(":")[0] for line in lines] == ["batches", "layers"], err
+    assert "..." not in err and "━" not in err
+    assert lines[0].startswith("batches: 2/2 in each of ") and lines[1].startswith("layers: ")
+    assert out.startswith("wrote ")

@@ -84,14 +84,15 @@ def assert_user_error(proc: subprocess.CompletedProcess, *patterns: str, max_lin
 
 
 def assert_usage_error(proc: subprocess.CompletedProcess, *patterns: str) -> None:
-    """A command-line usage mistake (click): exit code 2, usage + one `Error:` line, no traceback."""
+    """A command-line usage mistake (click): exit code 2, one `error:` line with click's reason and where help
+    is, no usage block, no traceback."""
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr, proc.stderr
     assert proc.stdout == ""
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) <= 4 and lines[-1].startswith("Error:"), proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--help`)" in lines[0], proc.stderr
     for p in patterns:
-        assert p in lines[-1], (p, lines[-1])
+        assert p in lines[0], (p, lines[0])
 
 
 # ------------------------------------------------------------------------------------------------- fixtures
@@ -409,7 +410,17 @@ def test_interrupted_run(work):
     # always lands inside it (with builtin:demo a fast machine finished before the signal arrived)
     calib = work.parent / "calib.txt"
     calib.write_text("".join(f"Line {i}: the court held that the contract was void.\n" for i in range(60000)))
-    proc = subprocess.Popen([sys.executable, "-m", "moe_compress.cli", "compress", "builtin:mixtral-8e", "--method",
+    # The real console entry point in a real process (signal handling is what is tested), with one addition: the
+    # first progress update prints a marker, so the signal is sent once calibration runs (a log shows a stage
+    # only when it has finished, which here is the end of the run).
+    hook = ("import sys\nimport moe_compress.cli as cli\nupdate = cli._StageLog.update\n"
+            "def marked(self, stage, done, total):\n"
+            "    if not getattr(self, 'marked', False):\n"
+            "        self.marked = True\n"
+            "        print(f'started {stage}', file=sys.stderr, flush=True)\n"
+            "    update(self, stage, done, total)\n"
+            "cli._StageLog.update = marked\nsys.argv = ['moe-compress', *sys.argv[1:]]\ncli.main()\n")
+    proc = subprocess.Popen([sys.executable, "-c", hook, "compress", "builtin:mixtral-8e", "--method",
                              "frequency", "--experts", "6", "--calib", str(calib), "--n-samples", "2048",
                              "--seq-len", "256", "--out", "out"], cwd=work, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
@@ -418,9 +429,9 @@ def test_interrupted_run(work):
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     try:
-        for line in proc.stderr:  # on a non-terminal the CLI names each stage as it starts
+        for line in proc.stderr:
             seen.append(line)
-            if line.startswith("batches"):
+            if line.startswith("started batches"):
                 break
         else:
             pytest.fail("the run ended before calibration started: " + "".join(seen))
@@ -530,3 +541,187 @@ def test_measure_cost_protocol():
     assert c["ratio"]["params_experts"] == 0.5
     alone = measure_cost(small, seq_len=16, runs=1, warmup=0)
     assert set(alone) == {"model", "warmup"} and alone["model"]["params"] == c["model"]["params"]
+
+
+# ------------------------------------------------------------------------------------------------- output location
+
+
+@pytest.fixture()
+def no_work(monkeypatch):
+    """Loading weights or calibrating fails the test: a refusal must come before any work."""
+    from moe_compress import pipeline
+
+    def work_started(*args, **kwargs):
+        raise AssertionError("the run started working before refusing the output")
+
+    for name in ("load_model", "calibration_set", "plan_and_apply"):
+        monkeypatch.setattr(pipeline, name, work_started)
+
+
+def test_unwritable_output_under_a_file_is_refused_before_any_work(run, work):
+    """--out below a regular file: a place nobody can create a folder in, root included (os.access is always
+    true for root, so a permission-only test would pass vacuously there). A real process: exit 2, one line."""
+    (work.parent / "a-file").write_text("x")
+    before = listing(work.parent)
+    proc = run("compress", "builtin:mixtral-8e", "--method", "random", "--experts", 4, "--out",
+               work.parent / "a-file" / "out", cwd=work, real=True)
+    assert_user_error(proc, "cannot create", "is a file, not a folder", max_lines=1)
+    assert listing(work.parent) == before
+
+
+@pytest.mark.parametrize("command", ["compress", "dry-run", "bench"])
+def test_read_only_output_folder_is_refused_before_any_work(run, work, saved_models, monkeypatch, no_work, command):
+    """A folder this process may not write in (os.access mocked to say so, as it does for a non-root user on a
+    0555 folder or for anyone on a read-only mount): refused with one line before the model is loaded, in a
+    dry run too, and by bench; nothing is written."""
+    real_access = os.access
+    ro = work / "ro"
+    ro.mkdir()
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == ro and mode & os.W_OK
+                        else real_access(p, mode, **kw))
+    before = listing(work)
+    if command == "bench":
+        args = ("bench", saved_models["mixtral"], "--methods", "random", "--experts", 6, "--calib", "builtin:demo",
+                "--data", "builtin:demo", "--out", ro / "sub" / "b")
+    else:
+        args = ("compress", saved_models["mixtral"], "--method", "random", "--experts", 6, "--out",
+                ro / "sub" / "out", *(("--dry-run",) if command == "dry-run" else ()))
+    assert_user_error(run(*args, cwd=work), "cannot write", "no permission to write in", "nothing was written",
+                      max_lines=1)
+    assert listing(work) == before
+
+
+def test_read_only_folder_for_a_normal_user(run, work, saved_models):
+    """The same with real permissions (only meaningful for a non-root user: root may write a 0555 folder)."""
+    if os.geteuid() == 0:
+        pytest.skip("root writes into a 0555 folder; the mocked test above covers the refusal")
+    ro = work / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        proc = run("compress", saved_models["mixtral"], "--method", "random", "--experts", 6, "--out", ro / "out",
+                   cwd=work)
+        assert_user_error(proc, "no permission to write in", max_lines=1)
+        assert listing(ro) == set()
+    finally:
+        ro.chmod(0o755)
+
+
+def test_too_little_free_space_is_refused_before_any_work(run, work, saved_models, monkeypatch, no_work):
+    """Free space below the plan's estimate of the weights (shutil.disk_usage mocked): one line with both sizes."""
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    proc = run("compress", saved_models["mixtral"], "--method", "random", "--experts", 6, "--out", "out", cwd=work)
+    last = assert_user_error(proc, "no space left on the device", "it needs about", "1000 bytes are free",
+                             "nothing was written", max_lines=1)
+    assert "KiB" in last.split("needs about")[1].split("and")[0]
+    assert listing(work) == set()
+
+
+# ------------------------------------------------------------------------------------------------- method specs
+
+
+def test_bracket_parameters_in_compress_method(run, work, saved_models, tmp_path):
+    """`--method NAME[key=value]` is `--method NAME --param key=value`: the same weights, and compression.json
+    records one form (method name + params, and the canonical spec)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run("compress", saved_models["mixtral"], "--method", "random[protect_super=false]", "--experts", 4,
+               "--out", a, "-q", cwd=work).returncode == 0
+    assert run("compress", saved_models["mixtral"], "--method", "random", "-p", "protect_super=false", "--experts", 4,
+               "--out", b, "-q", cwd=work).returncode == 0
+    ma, mb = (json.loads((d / "compression.json").read_text()) for d in (a, b))
+    assert ma["recipe"]["method"] == "random" and ma["recipe"]["params"] == {"protect_super": False}
+    assert ma["method"]["spec"] == "random[protect_super=false]" and ma["method"]["params"]["protect_super"] is False
+    assert ma["recipe"] == {**mb["recipe"], "output": str(a)}
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("real,spec,extra,pattern", [
+    (True, "refit[selec=naee]", (), "method refit: invalid parameter selec: unknown parameter (did you mean select?)"),
+    (False, "refit[select=nae]", (), "invalid parameter select: Input should be 'naee'"),
+    (False, "refit[select]", (), "parameter 'select' is not key=value"),
+    (False, "refit[select=naee", (), "cannot parse method 'refit[select=naee'"),
+    (False, "refit[select=naee,select=ean]", (), "parameter select is given twice"),
+    (False, "refit[select=naee]", ("-p", "select=ean"), "sets select=naee but --param has select=ean"),
+    (False, "refti[select=naee]", (), "unknown method 'refti' (did you mean refit?)"),
+])
+def test_bad_bracket_parameters_in_compress_method(run, work, saved_models, real, spec, extra, pattern):
+    proc = run("compress", saved_models["mixtral"], "--method", spec, *extra, "--experts", 4, "--calib",
+               "builtin:demo", "--out", "out", cwd=work, real=real)
+    assert_user_error(proc, pattern, max_lines=1)
+    assert listing(work) == set()
+
+
+def test_recipe_method_with_brackets_equals_params():
+    """In a recipe `method: refit[select=naee]` is `method: refit` + `params: {select: naee}`; both together must
+    agree."""
+    from moe_compress.errors import UserError
+    from moe_compress.recipe import build_recipe
+
+    base = {"model": "M", "experts": 4, "output": "o"}
+    a = build_recipe({**base, "method": "refit[select=naee,distill_steps=40]"})
+    b = build_recipe({**base, "method": "refit", "params": {"select": "naee", "distill_steps": 40}})
+    c = build_recipe({**base, "method": "refit[select=naee]", "params": {"distill_steps": 40, "select": "naee"}})
+    assert a == b == c and a.method == "refit" and a.params == {"select": "naee", "distill_steps": 40}
+    with pytest.raises(UserError, match="sets select=naee but params has select=ean: give select once"):
+        build_recipe({**base, "method": "refit[select=naee]", "params": {"select": "ean"}})
+    # --set method=... on top of a recipe goes through the same parser
+    d = build_recipe({**base, "method": "reap"}, [("method", "refit[select=naee]")])
+    assert (d.method, d.params) == ("refit", {"select": "naee"})
+
+
+# ------------------------------------------------------------------------------------------------- order of checks
+
+
+@pytest.mark.parametrize("text,pattern", [
+    ("model: M\nmethod: random\nexperts: 6\nbogus: 1\n", "bogus: unknown key (check the spelling)"),
+    ("model: M\nmethod: frequnecy\nexperts: 6\n", "unknown method 'frequnecy' (did you mean frequency?)"),
+    ("model: M\nmethod: random\nexperts: 6\nparams: {protect_supr: true}\n", "invalid parameter protect_supr"),
+    ("model: M\nmethod: random\nexperts: 6\n", "missing --out (give it on the command line or in --recipe)"),
+])
+def test_recipe_is_validated_before_asking_for_more(run, work, saved_models, text, pattern):
+    """A recipe without `output` (and no --out): what is wrong in it comes first, `missing --out` only after."""
+    recipe = work.parent / "recipe.yaml"
+    recipe.write_text(text.replace("model: M", f"model: {saved_models['mixtral']}"))
+    assert_user_error(run("compress", "--recipe", recipe, cwd=work), pattern, max_lines=1)
+    assert listing(work) == set()
+
+
+def test_experts_that_is_not_a_whole_number_says_why(run, work, saved_models):
+    """`--experts 2.5`: one line with the reason, not only typer's usage block."""
+    proc = run("compress", saved_models["mixtral"], "--method", "random", "--experts", "2.5", "--out", "out",
+               cwd=work, real=True)
+    assert_usage_error(proc, "'2.5' is not a whole number", "experts kept per MoE layer", "--ratio")
+    assert listing(work) == set()
+
+
+def test_dry_run_checks_every_path_it_would_read(run, work, saved_models):
+    """`--dry-run` refuses calibration data that does not exist (and does not plan on it), as the run would."""
+    recipe = work.parent / "recipe.yaml"
+    recipe.write_text(f"model: {saved_models['mixtral']}\nmethod: reap\nexperts: 4\noutput: out\n"
+                      "calibration: {data: ../shared/data/train, n_samples: 64, seq_len: 256}\n")
+    proc = run("compress", "--recipe", recipe, "--dry-run", cwd=work)
+    assert_user_error(proc, "data path not found: ../shared/data/train", max_lines=1)
+    proc = run("compress", "--recipe", recipe, "--dry-run", "--calib", "builtin:demo+missing.jsonl", cwd=work)
+    assert_user_error(proc, "data path not found: missing.jsonl", max_lines=1)
+    proc = run("compress", "--recipe", recipe, "--dry-run", "--calib", "builtin:nope", cwd=work)
+    assert_user_error(proc, "unknown builtin data 'nope'", max_lines=1)
+    assert listing(work) == set()
+
+
+def test_eval_json_in_an_unwritable_folder_is_refused_first(run, work, saved_models, monkeypatch):
+    """`eval --json` into a folder this process may not write (os.access mocked, as for root any folder is
+    writable): refused before the evaluation runs."""
+    real_access = os.access
+    ro = work / "ro"
+    ro.mkdir()
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == ro and mode & os.W_OK
+                        else real_access(p, mode, **kw))
+    from moe_compress.evaluation import api
+
+    monkeypatch.setattr(api, "evaluate_model", lambda *a, **k: pytest.fail("evaluated before refusing --json"))
+    proc = run("eval", saved_models["mixtral"], "--data", "builtin:demo", "--json", ro / "e.json", "-q", cwd=work)
+    assert_user_error(proc, "no permission to write in", max_lines=1)
+    assert listing(ro) == set()

@@ -100,3 +100,23 @@ def test_a_testbed_recipe_runs_end_to_end(tmp_path):
     again = yaml.safe_load((ROOT / "recipes/testbed-random.yaml").read_text())
     assert {k: manifest["recipe"][k] for k in ("model", "method", "experts")} == \
         {k: again[k] for k in ("model", "method", "experts")}
+
+
+@pytest.mark.parametrize("path", TESTBED, ids=lambda p: p.name)
+def test_testbed_recipe_reads_nothing_outside_a_clone(path):
+    """A testbed recipe must run in a fresh clone with nothing beside it: its calibration data is bundled
+    (builtin:) or a path inside the repository, and exists (what --dry-run checks)."""
+    from moe_compress.calibration.data import check_spec, split_mixture
+
+    spec = load_recipe_file(path)["calibration"]["data"]
+    for part, _ in split_mixture(spec):
+        assert part.startswith("builtin:") or (not part.startswith("hf:") and ".." not in Path(part).parts
+                                               and (ROOT / part).exists()), part
+    check_spec(spec)
+
+
+@pytest.mark.parametrize("path", HUB, ids=lambda p: p.name)
+def test_hub_recipe_states_its_offline_fallback(path):
+    text = path.read_text()
+    if "calibration" in load_recipe_file(path) and load_recipe_file(path)["calibration"]["data"].startswith("hf:"):
+        assert "Offline:" in text and "--set calibration.data=" in text and "--set model=DIR" in text

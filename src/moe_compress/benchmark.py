@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import yaml
 
 from moe_compress.calibration.runner import LayerRun, run_layers
 from moe_compress.errors import UserError
 from moe_compress.export.writer import atomic_output_dir, check_output_dir, save_model
-from moe_compress.methods.base import Method, get_method
+from moe_compress.methods.base import Method, get_method, parse_method_spec, split_method_list
 from moe_compress.models.loading import load_config, load_model, load_tokenizer
 from moe_compress.models.registry import get_adapter
 from moe_compress.models.surgery import check_expert_count
@@ -32,7 +31,6 @@ from moe_compress.pipeline import MethodApplier, pick_device
 from moe_compress.recipe import Calibration
 
 Progress = Callable[[str, int, int], None]
-_VARIANT = re.compile(r"^\s*([A-Za-z0-9_\-]+)\s*(?:\[(.*)\])?\s*$")
 
 
 @dataclass(frozen=True)
@@ -45,28 +43,12 @@ class Variant:
 
 
 def parse_variants(spec: str) -> list[Variant]:
-    """``"frequency,submoe[whiten=true,rank_ratio=0.5]"`` -> variants (commas inside [] belong to the params)."""
-    parts, depth, cur = [], 0, ""
-    for ch in spec:
-        depth += (ch == "[") - (ch == "]")
-        if ch == "," and depth == 0:
-            parts.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    parts.append(cur)
+    """``"frequency,submoe[whiten=true,rank_ratio=0.5]"`` -> variants (commas inside [] belong to the params);
+    each one is parsed by `moe_compress.methods.base.parse_method_spec`, as ``compress --method`` and recipes."""
     out = []
-    for part in filter(str.strip, parts):
-        m = _VARIANT.match(part)
-        if not m:
-            raise UserError(f"cannot parse method {part!r}: write NAME or NAME[key=value,...]")
-        params = {}
-        for item in filter(str.strip, (m.group(2) or "").split(",")):
-            if "=" not in item:
-                raise UserError(f"method {part!r}: parameter {item!r} is not key=value")
-            k, v = item.split("=", 1)
-            params[k.strip()] = yaml.safe_load(v)
-        out.append(Variant(part.strip(), m.group(1), params))
+    for part in split_method_list(spec):
+        name, params = parse_method_spec(part)
+        out.append(Variant(part, name, params))
     if not out:
         raise UserError("--methods is empty")
     return out
@@ -85,6 +67,7 @@ class BenchSpec:
     device: str = "auto"
     seed: int = 0
     save_models: bool = False
+    save_best: str | None = None       # a folder name: keep the lowest-KL variant at the smallest budget there
     extra: dict = field(default_factory=dict)
 
 
@@ -198,6 +181,7 @@ def _run_into(spec: BenchSpec, methods: list[tuple[Variant, Method]], folder: Pa
 
     rows: list[dict] = []
     total = len(methods) * len(spec.budgets)
+    best: dict | None = None  # spec.save_best: the lowest-KL compressed model at the smallest budget so far
     for n_new in spec.budgets:
         for variant, method in methods:
             model = copy.deepcopy(original).to("cpu")
@@ -217,6 +201,10 @@ def _run_into(spec: BenchSpec, methods: list[tuple[Variant, Method]], folder: Pa
             rows.append(_row(variant, method, n_orig, n_new, res, parameter_counts(model), params_orig,
                              {"statistics": stats_s, **applier.timings, **refine_s, "export": export_s,
                               "eval": eval_s}))
+            if spec.save_best and n_new == min(spec.budgets) and (best is None or res["kld"] < best["kld"]):
+                best = {"kld": res["kld"], "model": model.to("cpu"), "variant": variant, "method": method, "n_new": n_new,
+                        "infos": applier.infos, "refined": refined, "original_params": params_orig["params"],
+                        "timings": {"statistics": stats_s, **applier.timings, **refine_s}}
             del model
             if progress:
                 progress("methods", len(rows), total)
@@ -226,8 +214,37 @@ def _run_into(spec: BenchSpec, methods: list[tuple[Variant, Method]], folder: Pa
             "budgets": spec.budgets, "methods": [v.label for v in spec.variants], "seed": spec.seed,
             "device": device, "load_s": round(load_s, 3), "statistics_s": round(stats_s, 3),
             "torch": torch.__version__}
+    if best is not None:
+        meta["best_model"] = {"folder": spec.save_best, "method": best["variant"].label, "experts": best["n_new"],
+                              "kld": best["kld"]}
+        _export_best(spec, best, calib, tokenizer, n_orig, folder / spec.save_best)
     write_results(folder, rows, meta)
     return rows
+
+
+def _export_best(spec: BenchSpec, best: dict, calib, tokenizer, n_orig: int, out: Path) -> None:
+    """Write the kept variant as `moe-compress compress` writes a checkpoint (the project's exporter, a model
+    card, compression.json with a recipe that re-runs it)."""
+    from moe_compress.export.card import model_card
+    from moe_compress.export.writer import export_checkpoint
+    from moe_compress.models.loading import resolve_model
+    from moe_compress.pipeline import build_manifest
+    from moe_compress.recipe import Recipe
+
+    v = best["variant"]
+    recipe = Recipe(model=spec.model, method=v.name, params=v.params, experts=best["n_new"],
+                    calibration=spec.calibration, output=str(out), device=spec.device, seed=spec.seed)
+    from moe_compress.export.dtypes import resolve_policy
+    from moe_compress.pipeline import source_size
+
+    manifest = build_manifest(recipe, best["method"], n_orig, best["n_new"], best["infos"], calib, best["timings"],
+                              best["refined"])
+    model = best["model"].to("cpu")
+    source = resolve_model(spec.model)
+    export_checkpoint(model, out, manifest=manifest, adapter=get_adapter(model),
+                      policy=resolve_policy(recipe.save_dtype, source, model.config, type(model)),
+                      original_params=best["original_params"], source_bytes=source_size(source),
+                      tokenizer_source=source, tokenizer=tokenizer, model_card=model_card)
 
 
 def _timed_export(model, folder: Path | None) -> float:

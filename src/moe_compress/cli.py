@@ -4,6 +4,7 @@ and the path of a log holding the traceback."""
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import traceback
@@ -16,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from moe_compress.errors import UserError, is_disk_full
 
@@ -27,9 +29,19 @@ out_console = Console(soft_wrap=True)  # a path or a plan line is never cut by a
 
 @contextmanager
 def progress_bar(enabled: bool = True) -> Iterator:
-    """A rich progress display; yields a callback ``progress(stage, done, total)``."""
+    """Progress of the running stages; yields a callback ``progress(stage, done, total)``.
+
+    On a terminal: rich's live bars. Otherwise (a log file, a pipe): no bars and no placeholders, one line per
+    finished stage (`_StageLog`)."""
     if not enabled:
         yield None
+        return
+    if not console.is_terminal:
+        log = _StageLog(console.print)
+        try:
+            yield log.update
+        finally:
+            log.close()
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("eta"), TimeRemainingColumn())
@@ -40,8 +52,6 @@ def progress_bar(enabled: bool = True) -> Iterator:
         if not tasks:  # started on the first update, so that an early error prints no empty progress line
             bar.start()
         if stage not in tasks:
-            if not console.is_terminal:  # a log file sees no live bars: say at least which stage is running
-                console.print(f"{stage} ...", highlight=False)
             tasks[stage] = bar.add_task(stage, total=total)
         elif done < bar.tasks[tasks[stage]].completed:  # a new pass (e.g. the batches of the next layer)
             bar.reset(tasks[stage], total=total)
@@ -54,17 +64,88 @@ def progress_bar(enabled: bool = True) -> Iterator:
             bar.stop()
 
 
+class _StageLog:
+    """Progress for a log: one line per finished stage, ``layers: 6/6 (4.2 s)``.
+
+    A stage can run several passes (``batches`` once per layer). A finished stage's line is therefore held
+    back until another stage finishes (or the run ends): a stage that starts again meanwhile is a pass, and its
+    one line counts the passes, ``batches: 8/8 in each of 6 passes (3.9 s)``. A stage that never finishes (an
+    error, Ctrl-C) prints nothing."""
+
+    def __init__(self, emit):
+        self.emit = emit
+        self.state: dict[str, dict] = {}  # stage -> start, last done/total, passes, finished, printed
+        self.order: list[str] = []
+
+    def update(self, stage: str, done: int, total: int) -> None:
+        import time
+
+        now = time.perf_counter()
+        st = self.state.get(stage)
+        if st is None or st["printed"]:
+            st = self.state[stage] = {"start": now, "done": 0, "total": total, "passes": 1, "finished": None,
+                                      "printed": False}
+            self.order = [s for s in self.order if s != stage] + [stage]
+        elif done < st["done"]:  # a new pass of the same stage
+            st["passes"] += 1
+            st["finished"] = None
+        st["done"], st["total"] = done, total
+        if done >= total:
+            st["finished"] = now
+            self._flush(keep=stage)
+
+    def _flush(self, keep: str | None = None) -> None:
+        for stage in self.order:
+            st = self.state[stage]
+            if st["finished"] is None or st["printed"] or stage == keep:
+                continue
+            seconds = st["finished"] - st["start"]
+            each = f" in each of {st['passes']} passes" if st["passes"] > 1 else ""
+            self.emit(f"{stage}: {st['done']}/{st['total']}{each} ({seconds:.1f} s)", highlight=False,
+                      markup=False)
+            st["printed"] = True
+
+    def close(self) -> None:
+        self._flush()
+
+
+def _whole_number(value: str, flag: str) -> int:
+    """``--experts`` as typed: a whole number, else a usage error that says why (not just the usage lines)."""
+    try:
+        return int(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a whole number: {flag} is the number of experts kept per MoE "
+                                 f"layer, e.g. {flag} 6 (for a fraction of the experts removed use --ratio 0.25)"
+                                 ) from None
+
+
 def _method_params(items: list[str]) -> dict:
     from moe_compress.recipe import parse_overrides
 
     return dict(parse_overrides(items, flag="--param"))
 
 
+def _method_overrides(method: str | None, param: list[str], no_protect_super: bool) -> list[tuple[str, object]]:
+    """``--method NAME[k=v,...]``, ``--param k=v`` and ``--no-protect-super`` as recipe overrides: the method's
+    name, then each parameter as ``params.KEY`` (so these flags win over a recipe's ``params``; a key set twice
+    on the command line must agree)."""
+    from moe_compress.methods.base import merge_method_params
+
+    params = _method_params(param)
+    if no_protect_super:
+        params["protect_super"] = False
+    if method is None:
+        return [(f"params.{k}", v) for k, v in params.items()]
+    name, merged = merge_method_params(method, params, where="--param")
+    return [("method", name)] + [(f"params.{k}", v) for k, v in merged.items()]
+
+
 @app.command()
 def compress(
     model: Optional[str] = typer.Argument(None, help="checkpoint folder, builtin:NAME or hub id"),
     method: Optional[str] = typer.Option(None, "--method", "-m", help="see `moe-compress methods`"),
-    experts: Optional[int] = typer.Option(None, "--experts", "-e", help="experts kept per MoE layer"),
+    experts: Optional[int] = typer.Option(None, "--experts", "-e", help="experts kept per MoE layer",
+                                          parser=lambda v: _whole_number(v, "--experts"), metavar="N"),
     ratio: Optional[float] = typer.Option(None, "--ratio", help="fraction of routed experts removed"),
     calib: Optional[str] = typer.Option(None, "--calib", help="calibration SPEC: file/folder, builtin:demo, hf:NAME"),
     n_samples: Optional[int] = typer.Option(None, "--n-samples"),
@@ -100,7 +181,7 @@ def compress(
     from moe_compress.recipe import build_recipe, load_recipe_file, parse_overrides
 
     data = load_recipe_file(recipe) if recipe else {}
-    flags = {"model": model, "method": method, "output": out, "mode": mode, "device": device, "dtype": dtype,
+    flags = {"model": model, "output": out, "mode": mode, "device": device, "dtype": dtype,
              "save_dtype": save_dtype, "seed": seed, "calibration.data": calib, "calibration.n_samples": n_samples,
              "calibration.seq_len": seq_len, "calibration.batch_size": batch_size, "calibration.seed": seed,
              "calibration.packing": False if per_document else None,
@@ -113,13 +194,9 @@ def compress(
     if experts is not None or ratio is not None:  # a budget flag replaces the recipe's budget
         data = {k: v for k, v in data.items() if k not in ("experts", "ratio")}
         overrides += [(k, v) for k, v in (("experts", experts), ("ratio", ratio)) if v is not None]
-    overrides += [(f"params.{k}", v) for k, v in _method_params(param).items()]
-    if no_protect_super:
-        overrides.append(("params.protect_super", False))
-    for key, label in (("model", "MODEL"), ("method", "--method"), ("output", "--out")):
-        if not (data.get(key) or flags[key]):
-            raise UserError(f"missing {label} (give it on the command line or in --recipe)")
-    r = build_recipe(data, overrides + parse_overrides(set_))
+    overrides += _method_overrides(method, param, no_protect_super)
+    r = build_recipe(data, overrides + parse_overrides(set_), check_method=True,
+                     required={"model": "MODEL", "method": "--method", "output": "--out"})
     if dry_run:
         out_console.print(describe_plan(r), markup=False, highlight=False, soft_wrap=True)
         return
@@ -227,7 +304,9 @@ def methods_cmd(names: bool = typer.Option(False, "--names", help="print only th
         for name in methods:
             out_console.print(name)
         return
-    table = Table("method", "kind", "what it does", "parameters (defaults)")
+    table = Table("method", "kind", "what it does", "parameters (defaults)",
+                  caption=Text("set parameters as --method 'NAME[key=value,...]' (or --param key=value); the same "
+                               "syntax in recipes (method:) and bench --methods"))
     for cls in methods.values():
         d = cls.describe()
         table.add_row(d["name"], d["kind"], d["summary"], ", ".join(f"{k}={v}" for k, v in d["params"].items()))
@@ -280,6 +359,8 @@ def eval_cmd(
             raise UserError(f"--json {json_out} is a folder; give a file name, e.g. {json_out / 'eval.json'}")
         if not json_out.parent.is_dir():
             raise UserError(f"--json {json_out}: folder {json_out.parent} does not exist; create it first")
+        if not os.access(json_out.parent, os.W_OK | os.X_OK):
+            raise UserError(f"--json {json_out}: no permission to write in {json_out.parent}; choose another file")
     with progress_bar(not quiet) as progress:
         result = evaluate_model(model, reference=reference, data=data, tasks=_split(tasks), tasks_dir=tasks_dir,
                                 limit=limit, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size,
@@ -357,13 +438,15 @@ def demo(
 ) -> None:
     """Compress the bundled testbed (builtin:mixtral-8e) 8 -> 6 and 8 -> 4 experts with the best available
     methods, evaluate against the original and print the comparison (a few minutes on a laptop CPU)."""
-    from moe_compress.demo import run_demo
+    from moe_compress.demo import demo_spec, next_steps, run_demo
     from moe_compress.report.bench import summary_table
 
     with progress_bar(not quiet) as progress:
-        rows = run_demo(out, overwrite=overwrite, progress=progress)
+        rows, best = run_demo(out, overwrite=overwrite, progress=progress)
     out_console.print(summary_table(rows), markup=False, soft_wrap=True)
-    out_console.print(f"wrote {out}/results.md and plots", markup=False)
+    out_console.print(f"wrote {out}/results.md, plots and the kept checkpoint {best}", markup=False)
+    for line in next_steps(best, demo_spec().eval_data):
+        out_console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def _mount_testbed() -> None:
@@ -410,6 +493,14 @@ def _click_exceptions() -> tuple[type, ...]:
     return tuple(classes)
 
 
+def _usage_message(e) -> str:
+    """A usage error on one line: click's message (which names the option and the reason) and where help is."""
+    message = " ".join(e.format_message().split())
+    ctx = getattr(e, "ctx", None)
+    command = ctx.command_path if ctx is not None else "moe-compress"
+    return f"{message} (see `{command} --help`)"
+
+
 def _interrupted() -> None:
     console.print("[bold red]interrupted:[/] the output folder was not written (it appears only when a run "
                   "completes)",
@@ -434,7 +525,7 @@ def main() -> None:
         sys.exit(2)
     except Exception as e:
         if isinstance(e, _click_exceptions()):  # usage errors (bad option, missing argument): exit code 2
-            e.show()
+            console.print(f"[bold red]error:[/] {escape(_usage_message(e))}", highlight=False, soft_wrap=True)
             sys.exit(e.exit_code)
         if is_disk_full(e):
             first = escape(str(e).splitlines()[0])

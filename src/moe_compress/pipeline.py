@@ -22,7 +22,7 @@ from moe_compress.errors import UserError
 from moe_compress.export.card import model_card
 from moe_compress.export.dtypes import resolve_policy
 from moe_compress.export.writer import check_output_dir, export_checkpoint
-from moe_compress.methods.base import LayerContext, Method, get_method
+from moe_compress.methods.base import LayerContext, Method, format_method_spec, get_method
 from moe_compress.models.layer import ExpertSet
 from moe_compress.models.loading import load_config, load_model, load_tokenizer, resolve_model
 from moe_compress.models.registry import get_adapter
@@ -66,9 +66,14 @@ def validate_budget(recipe: Recipe, adapter) -> int:
 
 
 def require_calibration(recipe: Recipe, method: Method) -> None:
+    """A method that needs data has a calibration SPEC, and that SPEC's paths exist (checked before loading)."""
+    from moe_compress.calibration.data import check_spec
+
     if method.needs_data and recipe.calibration.data is None:
         raise UserError(f"method {recipe.method} needs calibration data: pass --calib SPEC "
                         "(a file or folder of .txt/.jsonl, builtin:demo, hf:NAME)")
+    if method.needs_data:
+        check_spec(recipe.calibration.data)
 
 
 def calibration_set(recipe: Recipe, tokenizer):
@@ -157,7 +162,12 @@ def compress(recipe: Recipe, progress: Progress | None = None, write: bool = Tru
     method = get_method(recipe.method, **recipe.params)
     require_calibration(recipe, method)
     device = pick_device(recipe.device)
-    n_new = validate_budget(recipe, get_adapter(load_config(recipe.model, recipe.trust_remote_code)))
+    config = load_config(recipe.model, recipe.trust_remote_code)
+    n_new = validate_budget(recipe, get_adapter(config))
+    if write:  # room for the result, before the weights are loaded
+        from moe_compress.plan import estimated_output_bytes
+
+        check_output_dir(recipe.output, recipe.overwrite, estimated_output_bytes(recipe, config, n_new))
     model = load_model(recipe.model, dtype=pick_dtype(recipe.dtype), device="cpu",
                        trust_remote_code=recipe.trust_remote_code)
     tokenizer = load_tokenizer(recipe.model, trust_remote_code=recipe.trust_remote_code)
@@ -214,7 +224,8 @@ def build_manifest(recipe: Recipe, method: Method, n_orig: int, n_new: int, info
         "tool": "moe-compress",
         "version": __version__,
         "model": recipe.model,
-        "method": {"name": method.name, "kind": method.kind, "params": json.loads(method.params.model_dump_json())},
+        "method": {"name": method.name, "kind": method.kind, "params": json.loads(method.params.model_dump_json()),
+                   "spec": format_method_spec(recipe.method, recipe.params)},
         "experts": {"original": n_orig, "kept": n_new},
         "calibration": calib_info,
         "mode": recipe.mode,

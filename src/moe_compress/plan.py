@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from moe_compress.methods.base import method_class
+from moe_compress.errors import UserError
+from moe_compress.methods.base import format_method_spec, method_class
 from moe_compress.models.loading import load_config
 from moe_compress.models.registry import get_adapter
 from moe_compress.models.surgery import check_expert_count
@@ -25,6 +26,31 @@ def count_parameters(config) -> tuple[int, int, list[int]]:
     per_expert = sum(t[0].numel() for t in (w.gate, w.up, w.down, w.gate_bias, w.up_bias, w.down_bias)
                      if t is not None) + layer.router_weight.shape[1]
     return total, per_expert, list(adapter.moe_blocks(model))
+
+
+def bytes_per_parameter(dtype: str) -> int:
+    """Bytes per weight of a recipe's ``dtype`` (``auto``: 2, the usual half-precision checkpoint)."""
+    return 4 if dtype == "float32" else 2
+
+
+def written_dtype(recipe: Recipe, config) -> torch.dtype:
+    """The main dtype the checkpoint is written in (``save_dtype``; ``source``: the source's, from its config)."""
+    from moe_compress.export.dtypes import main_dtype
+
+    return main_dtype({}, None, config) if recipe.save_dtype == "source" else getattr(torch, recipe.save_dtype)
+
+
+def estimated_output_bytes(recipe: Recipe, config, n_new: int) -> int | None:
+    """The written weights' size after compressing ``config`` to ``n_new`` experts (from the config alone, on the
+    meta device, in the written dtype), for the free-space check before a run; None when the config cannot be
+    built that way (the check is then skipped: the writer still reports a full disk as a user error)."""
+    try:
+        total, per_expert, moe_layers = count_parameters(config)
+    except Exception:  # e.g. remote code that does not build on the meta device: an estimate is optional
+        return None
+    n_orig = get_adapter(config).n_experts()
+    written = torch.empty(0, dtype=written_dtype(recipe, config)).element_size()
+    return (total - per_expert * (n_orig - n_new) * len(moe_layers)) * written
 
 
 def fmt_bytes(n: float) -> str:
@@ -68,27 +94,33 @@ def describe_plan(recipe: Recipe) -> str:
     n_orig = adapter.n_experts()
     n_new = recipe.target_experts(n_orig)
     if n_new >= n_orig:
-        from moe_compress.errors import UserError
-
         raise UserError(f"--experts {n_new} must be smaller than the model's {n_orig} experts per layer")
     check_expert_count(adapter, n_new)
+    c = recipe.calibration
+    if cls.needs_data:  # every path the run will read, and the output it will write, checked as the run would
+        from moe_compress.calibration.data import check_spec
+
+        if c.data is None:
+            raise UserError(f"method {recipe.method} needs calibration data: pass --calib SPEC "
+                            "(a file or folder of .txt/.jsonl, builtin:demo, hf:NAME)")
+        check_spec(c.data)
+    from moe_compress.export.writer import check_output_dir
+
+    check_output_dir(recipe.output, recipe.overwrite, estimated_output_bytes(recipe, config, n_new))
     total, per_expert, moe_layers = count_parameters(config)
     after = total - per_expert * (n_orig - n_new) * len(moe_layers)
     top_k = adapter.rule().top_k
     active = total - per_expert * (n_orig - top_k) * len(moe_layers)  # parameters one token passes through
-    bytes_per = 2 if recipe.dtype in ("bfloat16", "float16", "auto") else 4
-    from moe_compress.export.dtypes import main_dtype
-
-    saved = main_dtype({}, None, config) if recipe.save_dtype == "source" else getattr(torch, recipe.save_dtype)
+    bytes_per = bytes_per_parameter(recipe.dtype)
+    saved = written_dtype(recipe, config)
     saved_bytes = torch.empty(0, dtype=saved).element_size()
-    c = recipe.calibration
     if cls.kind == "merge":
         change = f"{n_orig} -> {n_new} routed experts each ({n_orig} merged into {n_new} groups)"
     else:
         change = f"{n_orig} -> {n_new} routed experts each ({n_orig - n_new} pruned, {n_new} kept)"
     lines = [
         f"plan (dry run, nothing written): {recipe.model} -> {recipe.output}",
-        f"  method      {recipe.method} ({cls.kind}) params={recipe.params or {}}",
+        f"  method      {format_method_spec(recipe.method, recipe.params)} ({cls.kind})",
         f"  MoE layers  {len(moe_layers)} of {config.num_hidden_layers} (layers {_ranges(sorted(moe_layers))}): "
         f"{change}; top-{top_k} routing ({adapter.rule().kind}); shared experts untouched",
         f"  parameters  {total / 1e6:.2f}M -> {after / 1e6:.2f}M ({100 * (1 - after / total):.1f}% fewer); "

@@ -54,6 +54,12 @@ class Recipe(_Strict):
     trust_remote_code: bool = False
     evaluation: Evaluation | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _method_spec(cls, data):
+        """``method: NAME[key=value,...]`` -> ``method: NAME`` + ``params`` (`normalize_method`)."""
+        return normalize_method(dict(data)) if isinstance(data, dict) else data
+
     @model_validator(mode="after")
     def _one_budget(self):
         if (self.experts is None) == (self.ratio is None):
@@ -93,20 +99,60 @@ def parse_overrides(items: list[str], flag: str = "--set") -> list[tuple[str, An
     return out
 
 
-def build_recipe(data: dict, overrides: list[tuple[str, Any]] = ()) -> Recipe:
-    """Validate a recipe dict (+ dotted overrides) into a Recipe; `UserError` with the first problem."""
+def normalize_method(data: dict) -> dict:
+    """A recipe dict with ``method: NAME[key=value,...]`` rewritten as ``method: NAME`` + ``params`` (the bracket
+    parameters joined with ``params``; the same key in both only with the same value), so that both spellings
+    give the same `Recipe` and compression.json records one form."""
+    from moe_compress.methods.base import merge_method_params
+
+    method, params = data.get("method"), data.get("params")
+    if isinstance(method, str) and "[" in method:
+        if params is not None and not isinstance(params, dict):
+            return data  # the schema reports params' type
+        data["method"], data["params"] = merge_method_params(method, params)
+    return data
+
+
+def build_recipe(data: dict, overrides: list[tuple[str, Any]] = (), *, required: dict[str, str] | None = None,
+                 check_method: bool = False) -> Recipe:
+    """Validate a recipe dict (+ dotted overrides) into a Recipe; `UserError` with the first problem.
+
+    Problems in what is given come before what is missing: a misspelt key is reported before a missing
+    ``output``. ``required`` names the flag of a missing top-level key in the message (``{"output": "--out"}``);
+    ``check_method`` also checks the method name and its parameters against the registry (before a missing key).
+    """
     data = copy.deepcopy(data)
     for key, value in overrides:
         _set_path(data, key, value)
+    normalize_method(data)
+    missing: list[str] = []
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(x) for x in first["loc"]) or "recipe"
-        msg = first["msg"].replace("Value error, ", "")
-        if first["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling)"
-        raise UserError(f"invalid recipe: {where}: {msg}") from None
+        errors = e.errors()
+        given = [x for x in errors if not (x["type"] == "missing" and len(x["loc"]) == 1)]
+        if given:
+            raise UserError(_message(given[0])) from None
+        missing, recipe = [str(x["loc"][0]) for x in errors], None
+    if check_method and isinstance(data.get("method"), str) and isinstance(data.get("params", {}), dict):
+        from moe_compress.methods.base import method_class
+
+        method_class(data["method"])(**data.get("params", {}))
+    if missing:
+        labels = required or {}
+        key = next((k for k in labels if k in missing), missing[0])
+        if key in labels:
+            raise UserError(f"missing {labels[key]} (give it on the command line or in --recipe)")
+        raise UserError(f"invalid recipe: {key}: Field required")
+    return recipe
+
+
+def _message(error: dict) -> str:
+    where = ".".join(str(x) for x in error["loc"]) or "recipe"
+    msg = error["msg"].replace("Value error, ", "")
+    if error["type"] == "extra_forbidden":
+        msg = "unknown key (check the spelling)"
+    return f"invalid recipe: {where}: {msg}"
 
 
 def load_recipe_file(path: str | Path) -> dict:

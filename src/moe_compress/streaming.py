@@ -55,8 +55,8 @@ from moe_compress.errors import UserError
 from moe_compress.export.card import model_card
 from moe_compress.export.dtypes import SavePolicy, resolve_policy
 from moe_compress.export.shards import hub_tensors, shard_name, write_index, write_shard
-from moe_compress.export.writer import (check_output_dir, copy_tokenizer, export_record, keep_source_architectures,
-                                         move_into_place, write_json)
+from moe_compress.export.writer import (apply_umask_modes, check_output_dir, copy_tokenizer, export_record,
+                                        keep_source_architectures, move_into_place, write_json)
 from moe_compress.plan import fmt_bytes
 
 Progress = Callable[[str, int, int], None]
@@ -317,6 +317,7 @@ def _run(recipe, ctx: DistContext, max_gpu_memory, progress, log, offload) -> St
     from moe_compress.models.loading import load_tokenizer, resolve_model
     from moe_compress.pipeline import (MethodApplier, build_manifest, calibration_set, pick_device, pick_dtype,
                                        require_calibration, source_size, validate_budget)
+    from moe_compress.plan import estimated_output_bytes
 
     t_start = time.perf_counter()
     out = Path(recipe.output)
@@ -357,8 +358,11 @@ def _run(recipe, ctx: DistContext, max_gpu_memory, progress, log, offload) -> St
     partial = out.parent / f".{out.name}.partial"
     state = error = None
     if ctx.is_writer:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        try:
+        try:  # room for the weights not yet written (a partial run's shards already hold part of them)
+            estimate = estimated_output_bytes(recipe, model.config, n_new)
+            done = sum(f.stat().st_size for f in partial.glob("model-*.safetensors")) if partial.is_dir() else 0
+            check_output_dir(out, recipe.overwrite, max(0, estimate - done) if estimate else None)
+            out.parent.mkdir(parents=True, exist_ok=True)
             state = _open_partial(partial, key, recipe.overwrite, log)
         except UserError as e:
             error = str(e)
@@ -544,4 +548,5 @@ def _finish(partial: Path, out: Path, lazy, adapter, n_new: int, n_files: int, s
     (partial / "README.md").write_text(model_card(manifest))
     if out.exists() and not overwrite:
         raise UserError(f"output folder {out} already exists; choose another --out or pass --overwrite")
+    apply_umask_modes(partial)  # the modes of a plain mkdir/open, as the in-memory export
     move_into_place(partial, out)

@@ -165,6 +165,43 @@ def read_documents(spec: str | os.PathLike) -> list[Document]:
     return [doc for part, _ in split_mixture(spec) for doc in _read_component(part)]
 
 
+def check_spec(spec: str | os.PathLike) -> None:
+    """What `read_documents` would refuse before reading any text (for ``--dry-run`` and early checks): the
+    mixture syntax, builtin names, that every local path exists and is a data file or a folder holding data
+    files, and for ``hf:`` components a dataset name and the `datasets` package (the hub itself is not asked:
+    whether the dataset downloads, or is in the local cache offline, shows only when the run reads it)."""
+    import importlib.util
+
+    for part, _ in split_mixture(spec):
+        if part.startswith("hf:"):
+            rest = part[3:]
+            if not rest.split(":", 1)[0]:
+                raise UserError(f"hf:{rest} has no dataset name: write hf:NAME[:CONFIG[:SPLIT]]")
+            if importlib.util.find_spec("datasets") is None:
+                raise UserError(f"hf:{rest} needs the datasets package: pip install 'moe-compress[hf]'")
+            continue
+        if part.startswith("builtin:"):
+            name = part[len("builtin:"):]
+            if name not in builtin_names():
+                raise UserError(f"unknown builtin data {name!r}: available are {', '.join(builtin_names()) or 'none'}")
+            continue
+        path = Path(part)
+        if path.is_dir():
+            if not any(p.is_file() and not p.name.startswith(".") and p.name.endswith(FILE_SUFFIXES)
+                       for p in path.iterdir()):
+                raise UserError(f"folder {path} has no data files: put .txt, .raw, .jsonl, .jsonl.xz or .parquet "
+                                "files in it")
+        elif path.is_file():
+            if not path.name.endswith(FILE_SUFFIXES):
+                raise UserError(f"unsupported data file {path}: use .txt, .raw, .jsonl, .jsonl.xz or .parquet")
+            if not os.access(path, os.R_OK):
+                raise UserError(f"cannot read {path}: permission denied")
+        elif _SCHEME.match(part):
+            raise UserError(f"unknown data spec form {part!r}: give {_FORMS}")
+        else:
+            raise UserError(f"data path not found: {part} (give {_FORMS})")
+
+
 def builtin_names() -> list[str]:
     """Names usable as ``builtin:NAME``, sorted."""
     if not BUILTIN_DIR.is_dir():

@@ -9,6 +9,7 @@ tensors between devices; the pipeline does that.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -71,8 +72,13 @@ class Method:
         except ValidationError as e:
             first = e.errors()[0]
             where = ".".join(str(x) for x in first["loc"]) or "parameters"
-            raise UserError(f"method {self.name}: invalid parameter {where}: {first['msg']} "
-                            f"(valid parameters: {', '.join(self.Params.model_fields) or 'none'})") from None
+            valid = ", ".join(self.Params.model_fields) or "none"
+            if first["type"] == "extra_forbidden":
+                close = difflib.get_close_matches(where, self.Params.model_fields, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise UserError(f"method {self.name}: invalid parameter {where}: unknown parameter{hint}; valid "
+                                f"parameters: {valid}") from None
+            raise UserError(f"method {self.name}: invalid parameter {where}: {first['msg']}") from None
 
     def plan(self, ctx: LayerContext) -> LayerPlan:
         raise NotImplementedError
@@ -100,6 +106,90 @@ class Method:
 
 
 METHODS: dict[str, type[Method]] = {}
+
+# -- method specs: NAME or NAME[key=value,...], the one syntax of --method, recipes' ``method:``, bench --methods
+# and the ``spec`` field of compression.json
+
+_SPEC = re.compile(r"^\s*([A-Za-z0-9_\-]+)\s*(?:\[(.*)\])?\s*$", re.S)
+SPEC_FORM = "NAME or NAME[key=value,...], e.g. refit[select=naee,distill_steps=400]"
+
+
+def _split_top(text: str) -> list[str]:
+    """Split on commas outside brackets/braces (``a,b[x=1,y=2]`` -> ``a``, ``b[x=1,y=2]``)."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch in "[{") - (ch in "]}")
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    return parts
+
+
+def split_method_list(text: str) -> list[str]:
+    """``"frequency,submoe[whiten=true,rank_ratio=0.5]"`` -> the method specs (commas inside [] stay)."""
+    return [p.strip() for p in _split_top(text) if p.strip()]
+
+
+def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"refit[select=naee,distill_steps=400]"`` -> ``("refit", {"select": "naee", "distill_steps": 400})``.
+
+    Values are YAML scalars (``true``, ``0.5``, ``naee``), as in ``--param``/``--set``. Only the syntax is checked
+    here; the name and the parameters are checked by `method_class` and the method's `Params`.
+    """
+    import yaml
+
+    m = _SPEC.match(spec) if isinstance(spec, str) else None
+    if not m:
+        raise UserError(f"cannot parse method {spec!r}: write {SPEC_FORM}")
+    name, body = m.group(1), m.group(2) or ""
+    params: dict[str, Any] = {}
+    for item in _split_top(body):
+        if not item.strip():
+            if body.strip():  # "refit[a=1,,b=2]"; "refit[]" is just refit
+                raise UserError(f"method {spec!r}: empty parameter between commas; write {SPEC_FORM}")
+            continue
+        key, eq, raw = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise UserError(f"method {spec!r}: parameter {item.strip()!r} is not key=value; write {SPEC_FORM}")
+        if key in params:
+            raise UserError(f"method {spec!r}: parameter {key} is given twice")
+        try:
+            params[key] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            raise UserError(f"method {spec!r}: cannot parse the value of {key}: {raw.strip()!r}") from None
+    return name, params
+
+
+def _format_value(value: Any) -> str:
+    import yaml
+
+    if isinstance(value, str):
+        return value
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+
+
+def format_method_spec(name: str, params: dict[str, Any] | None = None) -> str:
+    """The canonical spec: ``name`` or ``name[k=v,...]`` with the parameters in the given order."""
+    if not params:
+        return name
+    return f"{name}[{','.join(f'{k}={_format_value(v)}' for k, v in params.items())}]"
+
+
+def merge_method_params(spec: str, params: dict[str, Any] | None, where: str = "params") -> tuple[str, dict]:
+    """A spec's bracket parameters joined with separately given ``params`` (a recipe's ``params:``, ``--param``):
+    the name and one dict. The same key in both is accepted only with the same value."""
+    name, inline = parse_method_spec(spec)
+    merged = dict(inline)
+    for key, value in (params or {}).items():
+        if key in inline and inline[key] != value:
+            raise UserError(f"method {spec!r} sets {key}={_format_value(inline[key])} but {where} has "
+                            f"{key}={_format_value(value)}: give {key} once")
+        merged[key] = value
+    return name, merged
 
 
 def register(cls: type[Method]) -> type[Method]:

@@ -17,6 +17,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from moe_compress.errors import UserError
+
 DEFAULT_TRAIN_DATA = Path("/work/shared/data/train")
 DEFAULT_EVAL_DATA = Path("/work/shared/data/eval")
 EOS_TOKEN = "<|endoftext|>"
@@ -147,7 +149,8 @@ class WindowSampler:
         """
         short = [d for d, s in streams.items() if len(s) <= seq_len]
         if short:
-            raise ValueError(f"domains {short} hold fewer than seq_len + 1 = {seq_len + 1} tokens")
+            raise UserError(f"training domains {short} hold fewer than seq_len + 1 = {seq_len + 1} tokens: give "
+                            "more text (--data) or a smaller --seq-len")
         self.domains = list(streams)
         lengths = torch.tensor([len(streams[d]) for d in self.domains], dtype=torch.long)
         self.flat = torch.from_numpy(np.concatenate([streams[d] for d in self.domains])).to(device)

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import PreTrainedTokenizerFast
 
+from moe_compress.errors import UserError
 from moe_compress.testbed.balance import RouterTap
 
 
@@ -39,7 +40,8 @@ def evaluate_domains(model: nn.Module, tap: RouterTap, streams: dict[str, np.nda
     for domain, stream in streams.items():
         windows = eval_windows(stream, seq_len, max_tokens)
         if not len(windows):
-            raise ValueError(f"held-out text of domain {domain!r} has fewer than seq_len + 1 = {seq_len + 1} tokens")
+            raise UserError(f"held-out text of domain {domain!r} has fewer than seq_len + 1 = {seq_len + 1} tokens: "
+                            "give more held-out text (--eval-data) or a smaller --seq-len")
         nll, n = 0.0, 0
         tap.start_counting(device)
         for batch in windows.split(batch_size):
