@@ -7,7 +7,6 @@ import torch
 from moe_compress.methods.base import method_class
 from moe_compress.models.loading import load_config
 from moe_compress.models.registry import get_adapter
-from moe_compress.models.surgery import check_expert_count
 from moe_compress.recipe import Recipe
 
 
@@ -66,12 +65,9 @@ def describe_plan(recipe: Recipe) -> str:
     config = load_config(recipe.model, recipe.trust_remote_code)
     adapter = get_adapter(config)
     n_orig = adapter.n_experts()
-    n_new = recipe.target_experts(n_orig)
-    if n_new >= n_orig:
-        from moe_compress.errors import UserError
+    from moe_compress.pipeline import validate_budget
 
-        raise UserError(f"--experts {n_new} must be smaller than the model's {n_orig} experts per layer")
-    check_expert_count(adapter, n_new)
+    n_new = validate_budget(recipe, adapter, method)
     total, per_expert, moe_layers = count_parameters(config)
     after = total - per_expert * (n_orig - n_new) * len(moe_layers)
     top_k = adapter.rule().top_k
@@ -82,7 +78,10 @@ def describe_plan(recipe: Recipe) -> str:
     saved = main_dtype({}, None, config) if recipe.save_dtype == "source" else getattr(torch, recipe.save_dtype)
     saved_bytes = torch.empty(0, dtype=saved).element_size()
     c = recipe.calibration
-    if cls.kind == "merge":
+    if cls.keeps_experts:
+        change = (f"all {n_orig} routed experts kept, each narrowed to about {n_new}/{n_orig} of its neurons (the "
+                  f"expert parameters of {n_new} experts)")
+    elif cls.kind == "merge":
         change = f"{n_orig} -> {n_new} routed experts each ({n_orig} merged into {n_new} groups)"
     else:
         change = f"{n_orig} -> {n_new} routed experts each ({n_orig - n_new} pruned, {n_new} kept)"
