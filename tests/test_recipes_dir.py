@@ -63,7 +63,11 @@ def test_testbed_recipe_dry_run(monkeypatch, capsys, tmp_path, path):
     assert code == 0, err
     data = load_recipe_file(path)
     assert f"plan (dry run, nothing written): {data['model']} -> {data['output']}" in out
-    assert f"8 -> {data['experts']} routed experts each" in out
+    from moe_compress.methods.base import method_class
+    if method_class(data["method"]).keeps_experts:  # heapr: every expert kept, narrowed to N experts' parameters
+        assert f"all 8 routed experts kept, each narrowed to about {data['experts']}/8" in out
+    else:
+        assert f"8 -> {data['experts']} routed experts each" in out
     assert "MoE layers  6 of 6" in out and "parameters" in out and "memory" in out and "time" in out
     assert set(ROOT.iterdir()) == before and not (ROOT / data["output"]).exists()
 

@@ -55,13 +55,20 @@ def pick_dtype(name: str) -> torch.dtype | str:
     return "auto" if name == "auto" else getattr(torch, name)
 
 
-def validate_budget(recipe: Recipe, adapter) -> int:
-    """The target expert count; a `UserError` if it is not a strict reduction or not a valid count."""
+def validate_budget(recipe: Recipe, adapter, method: Method | None = None) -> int:
+    """The target expert count; a `UserError` if it is not a strict reduction or not a valid count.
+
+    For a method that keeps every expert (``keeps_experts``) the count is a parameter budget (the routed
+    experts' parameters of that many experts), so the routing constraints on counts do not apply."""
     n_orig = adapter.n_experts()
     n_new = recipe.target_experts(n_orig)
     if n_new >= n_orig:
         raise UserError(f"--experts {n_new} must be smaller than the model's {n_orig} experts per layer")
-    check_expert_count(adapter, n_new)
+    if method is None or not method.keeps_experts:
+        check_expert_count(adapter, n_new)
+    elif adapter.width_problem() is not None:
+        raise UserError(f"method {method.name} narrows the routed experts, which this model cannot store: "
+                        f"{adapter.width_problem()}")
     return n_new
 
 
@@ -96,6 +103,9 @@ class MethodApplier:
         self.generator = torch.Generator().manual_seed(seed)
         self.infos: dict[int, dict] = {}
         self.timings = {"planning": 0.0, "surgery": 0.0}
+        self.counts: set[int] = set()   # experts per layer written
+        self.widths: set[int] = set()   # intermediate size written
+        self.width_orig = adapter.expert_width()
 
     def apply(self, index: int, stats: dict[str, torch.Tensor] | None = None,
               inputs: torch.Tensor | None = None, input_domains: torch.Tensor | None = None) -> None:
@@ -108,16 +118,27 @@ class MethodApplier:
         plan = self.method.plan(ctx)
         t1 = time.perf_counter()
         write_block(self.adapter, block, plan.expert_set)
+        self.counts.add(plan.expert_set.n_experts)
+        self.widths.add(plan.expert_set.experts.gate.shape[1])
         self.timings["planning"] += t1 - t0
         self.timings["surgery"] += time.perf_counter() - t1
         self.infos[index] = {**plan.info, "sources": _sources(plan.expert_set)}
 
     def finish(self) -> None:
-        """Every MoE layer now holds ``n_new`` experts: record it in the config."""
+        """Every MoE layer now holds the same number of experts (``n_new``, or all of them for a method that
+        keeps them) of one width: record both in the config."""
         missing = set(self.blocks) - set(self.infos)
         if missing:
             raise RuntimeError(f"MoE layers {sorted(missing)} were not compressed")
-        self.adapter.set_n_experts(self.n_new)
+        if len(self.counts) != 1 or len(self.widths) != 1:
+            raise RuntimeError(f"layers were given different expert counts {sorted(self.counts)} or widths "
+                               f"{sorted(self.widths)}: a standard checkpoint holds one of each")
+        count = self.counts.pop() if self.method.keeps_experts else self.n_new
+        self.adapter.set_n_experts(count)
+        width = self.widths.pop()
+        if width != self.width_orig:
+            self.adapter.set_expert_width(width)
+        self.n_kept, self.width = count, width
 
 
 def plan_and_apply(method: Method, adapter, model, n_new: int, *, calib=None, recipe: Recipe,
@@ -163,7 +184,7 @@ def compress(recipe: Recipe, progress: Progress | None = None, write: bool = Tru
     require_calibration(recipe, method)
     device = pick_device(recipe.device)
     config = load_config(recipe.model, recipe.trust_remote_code)
-    n_new = validate_budget(recipe, get_adapter(config))
+    n_new = validate_budget(recipe, get_adapter(config), method)
     if write:  # room for the result, before the weights are loaded
         from moe_compress.plan import estimated_output_bytes
 
@@ -172,7 +193,7 @@ def compress(recipe: Recipe, progress: Progress | None = None, write: bool = Tru
                        trust_remote_code=recipe.trust_remote_code)
     tokenizer = load_tokenizer(recipe.model, trust_remote_code=recipe.trust_remote_code)
     adapter = get_adapter(model)
-    n_orig = adapter.n_experts()
+    n_orig, width_orig = adapter.n_experts(), adapter.expert_width()
     original_params = sum(p.numel() for p in model.parameters())
     calib = calibration_set(recipe, tokenizer) if method.needs_data else None
     teacher = copy.deepcopy(model) if method.needs_teacher else None  # the original, for `Method.refine`
@@ -186,7 +207,10 @@ def compress(recipe: Recipe, progress: Progress | None = None, write: bool = Tru
         timings["refine"] = time.perf_counter() - t1
     teacher = None
     model.to("cpu")
-    manifest = build_manifest(recipe, method, n_orig, n_new, infos, calib, timings, refined)
+    manifest = build_manifest(recipe, method, n_orig, adapter.n_experts(), infos, calib, timings, refined)
+    if method.keeps_experts:  # the budget was a share of the experts' parameters: say what was narrowed
+        manifest["experts"]["budget"] = n_new
+        manifest["intermediate_size"] = {"original": width_orig, "kept": adapter.expert_width()}
     if write:
         t1 = time.perf_counter()
         source = resolve_model(recipe.model)

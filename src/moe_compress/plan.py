@@ -8,7 +8,6 @@ from moe_compress.errors import UserError
 from moe_compress.methods.base import format_method_spec, method_class
 from moe_compress.models.loading import load_config
 from moe_compress.models.registry import get_adapter
-from moe_compress.models.surgery import check_expert_count
 from moe_compress.recipe import Recipe
 
 
@@ -92,10 +91,9 @@ def describe_plan(recipe: Recipe) -> str:
     config = load_config(recipe.model, recipe.trust_remote_code)
     adapter = get_adapter(config)
     n_orig = adapter.n_experts()
-    n_new = recipe.target_experts(n_orig)
-    if n_new >= n_orig:
-        raise UserError(f"--experts {n_new} must be smaller than the model's {n_orig} experts per layer")
-    check_expert_count(adapter, n_new)
+    from moe_compress.pipeline import validate_budget
+
+    n_new = validate_budget(recipe, adapter, method)
     c = recipe.calibration
     if cls.needs_data:  # every path the run will read, and the output it will write, checked as the run would
         from moe_compress.calibration.data import check_spec
@@ -114,7 +112,10 @@ def describe_plan(recipe: Recipe) -> str:
     bytes_per = bytes_per_parameter(recipe.dtype)
     saved = written_dtype(recipe, config)
     saved_bytes = torch.empty(0, dtype=saved).element_size()
-    if cls.kind == "merge":
+    if cls.keeps_experts:
+        change = (f"all {n_orig} routed experts kept, each narrowed to about {n_new}/{n_orig} of its neurons (the "
+                  f"expert parameters of {n_new} experts)")
+    elif cls.kind == "merge":
         change = f"{n_orig} -> {n_new} routed experts each ({n_orig} merged into {n_new} groups)"
     else:
         change = f"{n_orig} -> {n_new} routed experts each ({n_orig - n_new} pruned, {n_new} kept)"

@@ -11,6 +11,7 @@ the outputs the model computed anyway, no second expert pass unless noted).
 - ``expert_input_sq`` [E, H] and ``expert_act_sq`` [E, I] (Wanda, for STUN's unstructured stage): sum over
   routed real tokens of x_j^2 (the expert's input) and of a_j^2 (the activation feeding down_proj). The
   activation is recomputed per expert on its routed tokens (one gate/up product per expert and batch).
+  ``expert_act_wsq`` [E, I] (HEAPr): the same sum of (w a_j)^2, w the routing weight as the model applies it.
 
 All sums in fp64.
 """
@@ -93,9 +94,10 @@ class RoutedOutputMoments(LayerObserver):
 
 @register_observer
 class ExpertInputNorms(LayerObserver):
-    """``expert_input_sq`` [E, H] and ``expert_act_sq`` [E, I] float64, see the module docstring."""
+    """``expert_input_sq`` [E, H], ``expert_act_sq`` and ``expert_act_wsq`` [E, I] float64, see the module
+    docstring."""
 
-    provides = ("expert_input_sq", "expert_act_sq")
+    provides = ("expert_input_sq", "expert_act_sq", "expert_act_wsq")
 
     def __init__(self, layer: MoELayer, **options):
         super().__init__(layer, **options)
@@ -104,6 +106,7 @@ class ExpertInputNorms(LayerObserver):
         dev = layer.router_weight.device
         self.inp = torch.zeros(e, h, dtype=torch.float64, device=dev)
         self.act = torch.zeros(e, inter, dtype=torch.float64, device=dev)
+        self.wact = torch.zeros(e, inter, dtype=torch.float64, device=dev)
 
     def update(self, hidden, idx, weights, mask):
         pass
@@ -118,8 +121,10 @@ class ExpertInputNorms(LayerObserver):
             xe, k = x[start:start + c], keep[start:start + c].double()[:, None]
             a = expert_forward(self.layer.experts, e, xe, self.layer.activation, intermediate=True)
             self.inp[e] += (xe.double() ** 2 * k).sum(dim=0)
-            self.act[e] += (a.double() ** 2 * k).sum(dim=0)
+            a2 = a.double() ** 2 * k
+            self.act[e] += a2.sum(dim=0)
+            self.wact[e] += (a2 * weight[start:start + c].double()[:, None] ** 2).sum(dim=0)
             start += c
 
     def result(self):
-        return {"expert_input_sq": self.inp, "expert_act_sq": self.act}
+        return {"expert_input_sq": self.inp, "expert_act_sq": self.act, "expert_act_wsq": self.wact}

@@ -62,6 +62,9 @@ class Method:
     needs: ClassVar[frozenset[str]] = frozenset()  # statistics the method reads
     needs_inputs: ClassVar[bool] = False           # wants the MoE inputs of calibration tokens
     needs_data: ClassVar[bool] = True              # False: runs without calibration data
+    # True: every expert is kept and the budget (--experts N / --ratio R) is a share of the routed experts'
+    # parameters (N / E of them); the method narrows the experts instead (``ctx.n_experts`` = N)
+    keeps_experts: ClassVar[bool] = False
 
     class Params(Params):
         pass

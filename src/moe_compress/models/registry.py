@@ -47,15 +47,19 @@ class ArchSpec:
     layout: Layout = "fused"
     shared_attrs: tuple[str, ...] = ()
     router_fp32: bool = False
+    width_field: str = "intermediate_size"  # config key of the routed experts' intermediate size (not dense MLPs')
 
 
 ARCHS: dict[str, ArchSpec] = {s.model_type: s for s in [
     ArchSpec("mixtral", "num_local_experts", lambda c: _softmax_topk(c, renorm=True)),
-    ArchSpec("qwen2_moe", "num_experts", _softmax_topk, shared_attrs=("shared_expert", "shared_expert_gate")),
-    ArchSpec("qwen3_moe", "num_local_experts", _softmax_topk),
+    ArchSpec("qwen2_moe", "num_experts", _softmax_topk, shared_attrs=("shared_expert", "shared_expert_gate"),
+             width_field="moe_intermediate_size"),
+    ArchSpec("qwen3_moe", "num_local_experts", _softmax_topk, width_field="moe_intermediate_size"),
     ArchSpec("olmoe", "num_experts", _softmax_topk),
-    ArchSpec("deepseek_v2", "n_routed_experts", _deepseek_v2, shared_attrs=("shared_experts",), router_fp32=True),
-    ArchSpec("deepseek_v3", "n_routed_experts", _deepseek_v3, shared_attrs=("shared_experts",), router_fp32=True),
+    ArchSpec("deepseek_v2", "n_routed_experts", _deepseek_v2, shared_attrs=("shared_experts",), router_fp32=True,
+             width_field="moe_intermediate_size"),
+    ArchSpec("deepseek_v3", "n_routed_experts", _deepseek_v3, shared_attrs=("shared_experts",), router_fp32=True,
+             width_field="moe_intermediate_size"),
     ArchSpec("phimoe", "num_local_experts",
              lambda c: RoutingRule("sparsemixer", 2, jitter_eps=float(c.router_jitter_noise)), router_attr="router"),
     ArchSpec("gpt_oss", "num_local_experts", lambda c: RoutingRule("topk_softmax", c.num_experts_per_tok),
@@ -92,6 +96,26 @@ class Adapter:
 
     def set_n_experts(self, n: int) -> None:
         setattr(self.config, resolve_count_field(self.config, self.spec.count_field), int(n))
+
+    def expert_width(self) -> int:
+        """The routed experts' intermediate size I (config field ``spec.width_field``)."""
+        return int(getattr(self.config, resolve_count_field(self.config, self.spec.width_field)))
+
+    def set_expert_width(self, width: int) -> None:
+        """Record a new routed-expert intermediate size in the config. Only the routed experts' field changes:
+        dense MLPs (DeepSeek's first layers, Qwen's ``mlp_only_layers``) and shared experts keep their own sizes
+        (``intermediate_size``, ``shared_expert_intermediate_size``); Mixtral, OLMoE, PhiMoE and GPT-OSS have
+        no dense MLP, so their ``intermediate_size`` is the experts' only."""
+        setattr(self.config, resolve_count_field(self.config, self.spec.width_field), int(width))
+
+    def width_problem(self) -> str | None:
+        """Why the routed experts' width cannot change on its own here, or None. DeepSeek-V2/V3 size their shared
+        experts as ``moe_intermediate_size x n_shared_experts``: a new width would resize them on reload."""
+        if self.spec.width_field == "moe_intermediate_size" and self.spec.model_type.startswith("deepseek") \
+                and int(getattr(self.config, "n_shared_experts", 0) or 0) > 0:
+            return ("DeepSeek's shared experts are sized moe_intermediate_size x n_shared_experts in the config, so "
+                    "a new routed-expert width would change them too")
+        return None
 
     def rule(self) -> RoutingRule:
         return self.spec.rule(self.config)

@@ -115,5 +115,8 @@ def write_block(adapter: Adapter, block, s: ExpertSet) -> None:
     for module in (block, router, ex):
         if hasattr(module, "num_experts"):
             module.num_experts = n
+    for attr in ("intermediate_dim", "intermediate_size"):  # cached widths (not read by the forward passes)
+        if isinstance(getattr(ex, attr, None), int):
+            setattr(ex, attr, w.gate.shape[1])
     if hasattr(router, "out_features"):  # phimoe's router is an nn.Linear subclass
         router.out_features = n
