@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all vllm-check clean
+.PHONY: install demo test test-all lint vllm-check clean
 
 install: $(VENV)/.installed
 
@@ -20,6 +20,9 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	$(BIN)/moe-compress demo --out demo-out --overwrite
+
+lint: install
+	$(BIN)/ruff check src tests bench
 
 test: install
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)

@@ -89,7 +89,8 @@ def main(argv=None) -> dict:
         return obs
 
     variants = {"plain eager": None, "plain grouped_mm": None, "routed": lambda: ObservedExperts(view),
-                "routed + router_similarity": lambda: ObservedExperts(view, make_observers(view, ["router_similarity"]))}
+                "routed + router_similarity":
+                    lambda: ObservedExperts(view, make_observers(view, ["router_similarity"]))}
     for n in args.similarity_tokens:
         variants[f"routed + output_similarity ({n} tokens)"] = (
             lambda n=n: ObservedExperts(view, make_observers(view, ["output_similarity"], total_tokens=tokens,
@@ -129,8 +130,8 @@ def main(argv=None) -> dict:
                                           row_limit=args.rows)
     text = "\n".join(lines) + f"\n\nprofile of '{slowest}':\n" + table
     print(text)
-    result = {"errors": errors, "shape": args.shape, "tokens": tokens, "dtype": str(dtype), "device": torch.cuda.get_device_name()
-              if cuda else "cpu", "seconds": seconds, "plain": plain,
+    result = {"errors": errors, "shape": args.shape, "tokens": tokens, "dtype": str(dtype),
+              "device": torch.cuda.get_device_name() if cuda else "cpu", "seconds": seconds, "plain": plain,
               "ratios": {k: round(v / plain, 3) for k, v in seconds.items()}}
     if args.out:
         out = Path(args.out)

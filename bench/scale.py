@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 
 import torch
@@ -225,11 +224,13 @@ def bench_shape(name: str, shape: dict, tok: dict, args, device: str, dtype: tor
             out["steps"][label] = {"seconds": round(best.seconds, 4), "peak_gb": _r(best.peak_gb)}
         fastest = min((out["steps"][f"forward {b}"] for b in PLAIN_BACKENDS), key=lambda v: v["seconds"])
         out["steps"] = {"forward": dict(fastest), **out["steps"]}
-        out["routed_ratio"] = round(out["steps"]["routed statistics"]["seconds"] / out["steps"]["forward"]["seconds"], 3)
+        out["routed_ratio"] = round(out["steps"]["routed statistics"]["seconds"]
+                                    / out["steps"]["forward"]["seconds"], 3)
         out["frequency_total_ok"] = int(routed["frequency"].sum()) == tokens * shape["top_k"]
 
     # calibration inputs for the merging methods: an even subsample of max_tokens rows of all tokens
-    flat = torch.cat([b.reshape(-1, shape["hidden"]) for b in batches]) if len(batches) > 1 else batches[0].reshape(-1, shape["hidden"])
+    flat = (torch.cat([b.reshape(-1, shape["hidden"]) for b in batches]) if len(batches) > 1
+            else batches[0].reshape(-1, shape["hidden"]))
     inputs = subsample_tokens(flat, 32768).clone()
     del flat
     batches.clear()  # the methods need only the subsample: frees 3.8 GB for DeepSeek-V3
@@ -265,7 +266,8 @@ def bench_shape(name: str, shape: dict, tok: dict, args, device: str, dtype: tor
         stat_label = "merge statistics" if method.kind == "merge" else "routed statistics"
         stat_s = out["steps"][stat_label]["seconds"]
         rec.update(kind=method.kind, plan_s=round(best.seconds, 4), plan_first_s=round(times[0].seconds, 4),
-                   statistics=stat_label, statistics_s=stat_s, peak_gb=_r(best.peak_gb if best.peak_gb is None else max(t.peak_gb for t in times)),
+                   statistics=stat_label, statistics_s=stat_s,
+                   peak_gb=_r(best.peak_gb if best.peak_gb is None else max(t.peak_gb for t in times)),
                    layer_s=round(stat_s + best.seconds, 4),
                    model_min=round(shape["layers"] * (stat_s + best.seconds) / 60, 3),
                    experts_after=plan.expert_set.n_experts)
@@ -279,7 +281,8 @@ def bench_shape(name: str, shape: dict, tok: dict, args, device: str, dtype: tor
                 rec["svd"], rec["svd_error"] = info["svd"], info["svd_error"]
                 if params.get("svd") == "randomized" and "submoe r=0.5" in results64:
                     rec["vs_exact_float64"] = diff_vs(plan.expert_set.experts, results64["submoe r=0.5"])
-            if params.get("gram_dtype") == "float32" and params.get("svd") != "randomized" and "submoe r=0.5" in results64:
+            if (params.get("gram_dtype") == "float32" and params.get("svd") != "randomized"
+                    and "submoe r=0.5" in results64):
                 ref = results64["submoe r=0.5"]
                 got = plan.expert_set.experts
                 rec["max_rel_diff_vs_float64"] = max(
@@ -291,7 +294,7 @@ def bench_shape(name: str, shape: dict, tok: dict, args, device: str, dtype: tor
             torch.cuda.empty_cache()
     if args.pair_merge and shape["experts"] % 2 == 0 and shape["experts"] <= 16:
         out["pair_merge"] = pair_merge(view, device, args)
-    del batches, inputs, block, view
+    batches = inputs = block = view = None  # free the layer and the tokens before the next shape
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return out
@@ -350,7 +353,8 @@ def _randomized_notes(m: dict) -> list[str]:
                            max(e["ritz_residual"] for e in worst), max(e["complement_max"] for e in worst)))
     if m.get("vs_exact_float64"):
         v = m["vs_exact_float64"]
-        out.append(f"vs exact float64: max rel diff {v['max_rel_diff']:.1e}, Frobenius rel diff {v['fro_rel_diff']:.1e}")
+        out.append(f"vs exact float64: max rel diff {v['max_rel_diff']:.1e}, "
+                   f"Frobenius rel diff {v['fro_rel_diff']:.1e}")
     return out
 
 
@@ -407,9 +411,10 @@ def markdown(results: list[dict]) -> str:
         lines.append("|---|---:|---:|")
         for label, v in st.items():
             lines.append(f"| {label} | {v['seconds']:.3f} | {v['peak_gb'] if v['peak_gb'] is not None else '-'} |")
-        lines.append(f"\nforward = the faster plain backend; routed statistics / forward = {r['routed_ratio']}; merge statistics = routed + "
-                     f"{', '.join(r['merge_statistics'])}\n")
-        lines.append("| method | plan + prune/merge s | statistics s | per layer s | whole model (min) | peak GPU GiB | note |")
+        lines.append(f"\nforward = the faster plain backend; routed statistics / forward = {r['routed_ratio']}; "
+                     f"merge statistics = routed + {', '.join(r['merge_statistics'])}\n")
+        lines.append("| method | plan + prune/merge s | statistics s | per layer s | whole model (min) | "
+                     "peak GPU GiB | note |")
         lines.append("|---|---:|---:|---:|---:|---:|---|")
         for label, m in r["methods"].items():
             if "skipped" in m:
@@ -424,15 +429,18 @@ def markdown(results: list[dict]) -> str:
             if m["plan_first_s"] > 1.5 * m["plan_s"] and m["plan_first_s"] - m["plan_s"] > 0.05:
                 note.append(f"first call {m['plan_first_s']:.3f} s")
             lines.append(f"| {label} | {m['plan_s']:.3f} | {m['statistics_s']:.3f} | {m['layer_s']:.3f} | "
-                         f"{m['model_min']:.2f} | {m['peak_gb'] if m['peak_gb'] is not None else '-'} | {'; '.join(note)} |")
+                         f"{m['model_min']:.2f} | {m['peak_gb'] if m['peak_gb'] is not None else '-'} | "
+                         f"{'; '.join(note)} |")
         if r.get("pair_merge"):
-            lines.append("\nSub-MoE merge alone (`submoe_merge`, fixed groups of two, statistics and grouping excluded):\n")
+            lines.append("\nSub-MoE merge alone (`submoe_merge`, fixed groups of two, "
+                         "statistics and grouping excluded):\n")
             lines.append("| variant | seconds | first call s | peak GPU GiB | note |")
             lines.append("|---|---:|---:|---:|---|")
             for label, v in r["pair_merge"].items():
                 d = v.get("max_rel_diff_vs_float64")
                 extra = "".join("; " + n for n in _randomized_notes(v))
-                lines.append(f"| {label} | {v['seconds']:.3f} | {v['first_s']:.3f} | {v['peak_gb'] if v['peak_gb'] is not None else '-'} | "
+                lines.append(f"| {label} | {v['seconds']:.3f} | {v['first_s']:.3f} | "
+                             f"{v['peak_gb'] if v['peak_gb'] is not None else '-'} | "
                              f"ranks {v['ranks']}{'' if d is None else f'; max rel diff vs float64 {d:.1e}'}{extra} |")
     return "\n".join(lines)
 

@@ -4,8 +4,9 @@ For every registered architecture: a tiny model built from config with dimension
 (head size 64; DeepSeek MLA with kv_lora_rank 512 + qk_rope_head_dim 64 = 576, the size vLLM's CPU MLA decode
 supports), its pruned output (`reap`, 8 -> 4 experts) and its merged output (`submoe`, 8 -> 4), all float32; and
 the testbed presets (moe_compress.testbed.arch, the shapes the next trained testbeds have) as untrained bfloat16
-checkpoints with their bfloat16 compressed outputs (half the experts). Each is loaded in transformers (this environment) and in vLLM (a separate environment, see `make vllm-check`); both
-greedy-decode the same prompts (token ids, EOS ignored) and the first step's top-5 logprobs are compared.
+checkpoints with their bfloat16 compressed outputs (half the experts). Each is loaded in transformers (this
+environment) and in vLLM (a separate environment, see `make vllm-check`); both greedy-decode the same prompts
+(token ids, EOS ignored) and the first step's top-5 logprobs are compared.
 
     .venv/bin/python bench/vllm_parity.py --vllm-python .vllm-venv/bin/python --out runs/vllm-parity
 
@@ -266,7 +267,8 @@ def main(argv=None) -> int:
     md = table(rows)
     head = (f"vLLM {vllm_version[0]} (CPU) vs transformers {transformers.__version__}, torch {torch.__version__}, "
             f"float32 compute; {len(PROMPTS)} prompts x {MAX_TOKENS} greedy tokens; pruned = reap, merged = submoe, "
-            f"both to half the experts; tiny models fp32, testbed presets (untrained) bf16 on disk; {time.perf_counter() - t0:.0f} s ({t1 - t0:.0f} s building and transformers)")
+            f"both to half the experts; tiny models fp32, testbed presets (untrained) bf16 on disk; "
+            f"{time.perf_counter() - t0:.0f} s ({t1 - t0:.0f} s building and transformers)")
     (out / "parity.md").write_text(head + "\n\n" + md + "\n")
     (out / "parity.json").write_text(json.dumps({"header": head, "rows": rows, "hf": hf, "vllm": vl}, indent=1))
     print(head)

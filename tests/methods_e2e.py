@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 
-from moe_compress.models.registry import get_adapter
-from moe_compress.models.tiny import tiny_model
 from clitools import run_cli
 from test_pruning import check_reduced_checkpoint, ids, n_keep_for
+
+from moe_compress.models.registry import get_adapter
+from moe_compress.models.tiny import tiny_model
 
 
 def layer_stats(model, x, names=(), attention_mask=None) -> dict[int, dict]:

@@ -6,10 +6,10 @@ import csv
 import json
 
 import pytest
+from clitools import assert_user_error, run_cli
 
 from moe_compress.benchmark import parse_variants, resolve_budgets
 from moe_compress.errors import UserError
-from clitools import assert_user_error, run_cli
 
 
 def _bench(monkeypatch, capsys, models, out, *extra, methods="frequency,reap,submoe[rank_ratio=0.5]"):

@@ -7,14 +7,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM
-
 from clitools import assert_user_error, run_cli
-
-
-
-
+from transformers import AutoConfig, AutoModelForCausalLM
 
 
 def test_random_pruning_end_to_end(monkeypatch, capsys, saved_models, tmp_path):

@@ -21,8 +21,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from transformers import AutoConfig, AutoModelForCausalLM
 from clitools import run_cli
+from transformers import AutoConfig, AutoModelForCausalLM
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "COLUMNS": "200",
        "OMP_NUM_THREADS": "1"}

@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from clitools import run_cli_in
 
 from moe_compress import cli
 from moe_compress.methods.base import all_methods
-from clitools import run_cli_in
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,15 +9,15 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM
-
 from conftest import ARCHS
 from methods_e2e import layer_stats
+from test_pruning import ids, n_keep_for, plan_pipeline
+from transformers import AutoModelForCausalLM
+
 from moe_compress.methods.base import LayerContext, get_method
 from moe_compress.models.registry import get_adapter
 from moe_compress.models.surgery import keep_set
 from moe_compress.models.tiny import tiny_model
-from test_pruning import ids, n_keep_for, plan_pipeline
 
 FAST = ("qwen3_moe", "gpt_oss", "deepseek_v3")
 SOME_SLOW = [a if a in FAST else pytest.param(a, marks=pytest.mark.slow) for a in ARCHS]
@@ -76,7 +76,8 @@ def test_assignment_and_merge_equal_literal_loop(arch):
     assert all(t is not None for t in assign.values())  # min_similarity=0: random experts' best cosines are > 0
     assert plan.info["segments"]["assigned"] == len(assign)
     for p in dropped:
-        assert sorted(plan.info["assigned_to"][str(p)]) == sorted({assign[(p, j)][0] for j in range(layer.experts.gate.shape[1])})
+        assert sorted(plan.info["assigned_to"][str(p)]) == sorted({assign[(p, j)][0]
+                                                                   for j in range(layer.experts.gate.shape[1])})
     for ci, c in enumerate(kept):
         torch.testing.assert_close(plan_vectors(plan.expert_set, ci), merged[c], rtol=1e-5, atol=1e-6)
     # widths, router rows and down bias unchanged; the experts did change
@@ -139,7 +140,8 @@ def test_dropped_copies_of_kept_experts_give_plain_pruning(arch):
                     t[d] = t[src]
     score = torch.zeros(n)
     score[kept] = 1.0
-    stats = {"soft_count": score, "frequency": torch.arange(n, dtype=torch.float32) + 1, "max_activation": torch.ones(n)}
+    stats = {"soft_count": score, "frequency": torch.arange(n, dtype=torch.float32) + 1,
+             "max_activation": torch.ones(n)}
     plan = get_method("dern").plan(LayerContext(layer, n_keep, stats))
     assert plan.info["kept"] == kept and plan.info["segments"]["assigned"] == len(dropped) * w.gate.shape[1]
     ref = keep_set(layer, kept)

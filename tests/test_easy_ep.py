@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import ARCHS
+from methods_e2e import cli_prune_and_check, layer_stats
+from test_pruning import capture_experts_calls, ids, n_keep_for
+
 from moe_compress.methods.base import LayerContext, get_method
 from moe_compress.models.registry import get_adapter
 from moe_compress.models.tiny import tiny_model
-from test_pruning import capture_experts_calls, ids, n_keep_for
-from methods_e2e import cli_prune_and_check, layer_stats
 
 FAST_CLI = ["qwen2_moe", "gpt_oss"]
 

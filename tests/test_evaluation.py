@@ -233,11 +233,11 @@ def test_lm_eval_bridge_equals_direct_scorer(tokenizer, task_dir):
     res = run_lm_eval(m, ["tiny_mc", "tiny_wino"], tokenizer=tokenizer, tasks_dir=task_dir, batch_size=4,
                       bootstrap_iters=0, log_samples=True)
     assert res["sources"] == {t: str(task_dir / f"{t}.jsonl") for t in ("tiny_mc", "tiny_wino")}
-    for name, items, metrics in (("tiny_mc", _MC, ("acc", "acc_norm", "acc_bytes")), ("tiny_wino", _WINO, ("acc",))):
+    for name, items, keys in (("tiny_mc", _MC, ("acc", "acc_norm", "acc_bytes")), ("tiny_wino", _WINO, ("acc",))):
         direct = score_choices(m, tokenizer, items)
         got = res["tasks"][name]
         assert got["n"] == len(items)
-        for key in metrics:
+        for key in keys:
             assert got[key] == direct.to_dict()[key], key
         for sample in res["samples"][name]:
             lls = [ll for ll, _ in sample["filtered_resps"]]

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from clitools import assert_user_error, run_cli
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from clitools import assert_user_error, run_cli
 from moe_compress.export.dtypes import SavePolicy, resolve_policy
 from moe_compress.export.writer import save_model
 from moe_compress.models.loading import resolve_model

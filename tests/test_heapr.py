@@ -9,15 +9,15 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-
 from conftest import ARCHS
 from methods_e2e import layer_stats
+from test_pruning import capture_experts_calls, ids, plan_pipeline
+from transformers import AutoModelForCausalLM
+
 from moe_compress.methods.base import LayerContext, get_method
 from moe_compress.methods.pruning.heapr import keep_width
 from moe_compress.models.registry import get_adapter
 from moe_compress.models.tiny import tiny_model
-from test_pruning import capture_experts_calls, ids, plan_pipeline
 
 FAST = ("qwen2_moe", "deepseek_v3", "gpt_oss")
 SHARED_TIED = ("deepseek_v2", "deepseek_v3")  # shared experts sized moe_intermediate_size x n_shared_experts
@@ -150,14 +150,16 @@ def test_compress_command(monkeypatch, capsys, saved_models, text_file, tmp_path
 
 @pytest.mark.parametrize("args,pattern", [(("--experts", 8), "must be smaller"),
                                           (("--experts", 4, "--param", "ratio=0.5"), "invalid parameter ratio"),
-                                          (("--experts", 4, "--param", "width_multiple=0"), "invalid parameter width_multiple"),
+                                          (("--experts", 4, "--param", "width_multiple=0"),
+                                           "invalid parameter width_multiple"),
                                           (("--experts", 7, "--param", "width_multiple=16"), "keeps all 48 neurons"),
                                           (("--experts", 4, "--stream"), "streaming writer does not support")])
 def test_bad_budgets_are_user_errors(monkeypatch, capsys, saved_models, tmp_path, args, pattern):
     from clitools import assert_user_error, run_cli
 
     code, _, err = run_cli(monkeypatch, capsys, "compress", saved_models["mixtral"], "--method", "heapr", *args,
-                           "--calib", "builtin:demo", "--n-samples", 4, "--seq-len", 16, "--out", tmp_path / "out", "-q")
+                           "--calib", "builtin:demo", "--n-samples", 4, "--seq-len", 16, "--out", tmp_path / "out",
+                           "-q")
     assert_user_error(code, err, pattern)
     assert not (tmp_path / "out").exists()
 

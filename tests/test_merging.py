@@ -9,17 +9,22 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import ARCHS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import ARCHS
 from moe_compress.calibration.runner import run_layers
 from moe_compress.methods.base import LayerContext, get_method
-from moe_compress.methods.merging.align import align_groups, neuron_permutation, neuron_features, permute_expert
+from moe_compress.methods.merging.align import align_groups, neuron_features, neuron_permutation, permute_expert
 from moe_compress.methods.merging.base import MergeParams, merge_plan
 from moe_compress.methods.merging.grouping import Signal, dominant, group_experts, hierarchical, kmeans
-from moe_compress.methods.merging.merge import (frequency_average, group_weights, joint_svd_merge_reference,
-                                                submoe_merge, subspace_project)
+from moe_compress.methods.merging.merge import (
+    frequency_average,
+    group_weights,
+    joint_svd_merge_reference,
+    submoe_merge,
+    subspace_project,
+)
 from moe_compress.methods.merging.router import adapt_router, routing_mass_error
 from moe_compress.methods.merging.signals import expert_output_signals, frequency
 from moe_compress.methods.merging.submoe import group_tokens
@@ -374,8 +379,9 @@ def test_bad_switches_are_user_errors():
 def test_cli_compress_with_merging(method, monkeypatch, capsys, saved_models, text_file, tmp_path):
     import sys
 
-    from moe_compress import cli
     from transformers import AutoModelForCausalLM
+
+    from moe_compress import cli
 
     for arch in ("mixtral", "deepseek_v3", "gpt_oss"):
         out = tmp_path / f"{arch}-{method}"

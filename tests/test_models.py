@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import ARCHS
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import ARCHS
 from moe_compress.errors import UserError
 from moe_compress.export.writer import save_model
 from moe_compress.models.layer import ExpertSet

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import ARCHS
+from methods_e2e import cli_prune_and_check, layer_stats
+from test_pruning import capture_experts_calls, ids, n_keep_for
+
 from moe_compress.methods.base import LayerContext, get_method
 from moe_compress.models.registry import get_adapter
 from moe_compress.models.tiny import tiny_model
-from test_pruning import capture_experts_calls, ids, n_keep_for
-from methods_e2e import cli_prune_and_check, layer_stats
 
 STATS = ("routed_output_sum", "routed_output_sq")
 
@@ -93,7 +93,8 @@ def test_compress_command_reloads_as_masked_original(monkeypatch, capsys, saved_
 
 @pytest.mark.parametrize("method,param,pattern", [("mone", "protect_super=maybe", "invalid parameter protect_super"),
                                                   ("mone", "novice=mean", "invalid parameter novice"),
-                                                  ("easy-ep", "super_threshold=big", "invalid parameter super_threshold")])
+                                                  ("easy-ep", "super_threshold=big",
+                                                   "invalid parameter super_threshold")])
 def test_bad_parameters_are_user_errors(monkeypatch, capsys, saved_models, tmp_path, method, param, pattern):
     from clitools import assert_user_error, run_cli
 

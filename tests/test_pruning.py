@@ -18,9 +18,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from clitools import run_cli
+from conftest import ARCHS
 from transformers import AutoModelForCausalLM
 
-from conftest import ARCHS
 from moe_compress.calibration.runner import run_layers
 from moe_compress.errors import UserError
 from moe_compress.methods.base import LayerContext, get_method
@@ -31,7 +32,6 @@ from moe_compress.models.surgery import keep_set, write_block
 from moe_compress.models.tiny import tiny_model
 from moe_compress.pipeline import plan_and_apply
 from moe_compress.recipe import Recipe
-from clitools import run_cli
 
 SCORE_METHODS = {"frequency": "frequency", "soft-count": "soft_count", "ean": "ean", "reap": "reap"}
 PRUNING_METHODS = ["frequency", "soft-count", "ean", "reap", "naee", "random"]

@@ -26,7 +26,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from clitools import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]

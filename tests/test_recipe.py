@@ -18,7 +18,8 @@ BASE = {"model": "builtin:mixtral-8e", "method": "frequency", "experts": 6, "out
 
 
 def test_valid_recipe_and_overrides():
-    r = build_recipe(BASE, parse_overrides(["calibration.n_samples=32", "mode=sequential", "params.protect_super=false"]))
+    r = build_recipe(BASE, parse_overrides(["calibration.n_samples=32", "mode=sequential",
+                                            "params.protect_super=false"]))
     assert r.calibration.n_samples == 32 and r.mode == "sequential" and r.params == {"protect_super": False}
     assert r.target_experts(8) == 6
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from clitools import run_cli_in
 
 from moe_compress.methods.base import all_methods
 from moe_compress.recipe import build_recipe, load_recipe_file
-from clitools import run_cli_in
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))

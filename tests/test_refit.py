@@ -13,12 +13,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import ARCHS
+
 from moe_compress.calibration.runner import run_layers
 from moe_compress.methods.base import LayerContext, get_method
-from moe_compress.methods.hybrid.refit import (down_normal_equations, fold_assignment, kept_outputs, mixture,
-                                               original_output, refit_router, relative_error, solve_down)
+from moe_compress.methods.hybrid.refit import (
+    down_normal_equations,
+    fold_assignment,
+    kept_outputs,
+    mixture,
+    original_output,
+    refit_router,
+    relative_error,
+    solve_down,
+)
 from moe_compress.models.layer import expert_forward
 from moe_compress.models.registry import get_adapter
 from moe_compress.models.routing import route

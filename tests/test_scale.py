@@ -9,8 +9,14 @@ import pytest
 import torch
 
 from moe_compress.methods.merging import merge as merge_mod
-from moe_compress.methods.merging.merge import (average, frequency_average, group_weights, joint_svd_merge_reference,
-                                                submoe_merge, subspace_project)
+from moe_compress.methods.merging.merge import (
+    average,
+    frequency_average,
+    group_weights,
+    joint_svd_merge_reference,
+    submoe_merge,
+    subspace_project,
+)
 from moe_compress.models.layer import ExpertWeights, swiglu
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -74,7 +80,8 @@ def test_batched_fast_path_equals_the_papers_svd_for_mixed_groups(out_dim, in_di
     """Groups of sizes 1, 2, 3, 2 in one call (batches by size and Gram side) == per-group exact SVD."""
     sizes = [1, 2, 3, 2]
     members = [_members(n, out_dim, in_dim, 10 + j) for j, n in enumerate(sizes)]
-    weights = [torch.rand(n, generator=torch.Generator().manual_seed(j), dtype=torch.float64) + 0.1 for j, n in enumerate(sizes)]
+    weights = [torch.rand(n, generator=torch.Generator().manual_seed(j), dtype=torch.float64) + 0.1
+               for j, n in enumerate(sizes)]
     weights = [w / w.sum() for w in weights]
     moments = [_moment(in_dim, 20 + j) for j in range(len(sizes))] if whiten else None
     merged = torch.stack([(w[:, None, None] * m).sum(0) for w, m in zip(weights, members)]).float()
@@ -161,7 +168,8 @@ def _gapped_members(n, out_dim, in_dim, rank, seed, noise=1e-7):
     """n members whose joint B = [W_1 | ... | W_n] has rank ``rank`` plus noise: a clear gap after ``rank``."""
     g = torch.Generator().manual_seed(seed)
     basis = torch.linalg.qr(torch.randn(out_dim, rank, generator=g, dtype=torch.float64))[0]
-    coef = torch.randn(n, rank, in_dim, generator=g, dtype=torch.float64) * torch.linspace(3, 1, rank, dtype=torch.float64)[:, None]
+    coef = (torch.randn(n, rank, in_dim, generator=g, dtype=torch.float64)
+            * torch.linspace(3, 1, rank, dtype=torch.float64)[:, None])
     return basis @ coef + noise * torch.randn(n, out_dim, in_dim, generator=g, dtype=torch.float64)
 
 

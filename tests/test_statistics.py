@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
+from clitools import assert_user_error, run_cli
 from conftest import ARCHS
+
 from moe_compress.calibration.observers import ROUTED_STATS
 from moe_compress.calibration.runner import run_layers
 from moe_compress.models.registry import get_adapter
 from moe_compress.models.tiny import tiny_model
-from clitools import assert_user_error, run_cli
 
 ALL_STATS = ROUTED_STATS + ("output_similarity", "expert_output_mean", "router_similarity", "input_moment",
                             "input_moment_all", "frequency_by_domain")

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from clitools import run_cli
 from transformers import AutoModelForCausalLM
 
 from moe_compress.errors import UserError
 from moe_compress.pipeline import compress
 from moe_compress.recipe import build_recipe
 from moe_compress.streaming import compress_streaming, parse_size, plan_memory
-from clitools import run_cli
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -69,7 +69,7 @@ def comparable(manifest: dict) -> dict:
 def test_streaming_equals_in_memory(arch, method, mode, saved_models, text_file, tmp_path):
     model = saved_models[arch]
     compress(recipe(model, tmp_path / "mem", method, mode=mode, calib=text_file))
-    res = compress_streaming(recipe(model, tmp_path / "str", method, mode=mode, calib=text_file))
+    compress_streaming(recipe(model, tmp_path / "str", method, mode=mode, calib=text_file))
     mem, st = tmp_path / "mem", tmp_path / "str"
     assert hub_keys(mem) == hub_keys(st)
     ids = torch.randint(0, 90, (2, 12), generator=torch.Generator().manual_seed(0))

@@ -4,21 +4,19 @@ routed tokens), the measured sparsity, and the compress command (data-free exper
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from safetensors.torch import load_file
-
+from clitools import assert_user_error, run_cli
 from conftest import ARCHS
+from methods_e2e import cli_prune_and_check, layer_stats
+from safetensors.torch import load_file
+from test_pruning import capture_experts_calls, ids, n_keep_for
+
 from moe_compress.errors import UserError
 from moe_compress.methods.base import LayerContext, get_method
 from moe_compress.methods.pruning.stun import single_linkage
 from moe_compress.models.registry import get_adapter
 from moe_compress.models.tiny import tiny_model
-from test_pruning import capture_experts_calls, ids, n_keep_for
-from methods_e2e import cli_prune_and_check, layer_stats
-from clitools import assert_user_error, run_cli
 
 
 def mst_clusters(dist: torch.Tensor, k: int) -> list[list[int]]:
@@ -122,7 +120,8 @@ def test_wanda_zeros_the_lowest_metric_per_row(arch):
             for j, e in enumerate(kept):
                 w_orig, w_new = getattr(layer.experts, name)[e], getattr(new, name)[j]
                 for row in range(w_orig.shape[0]):
-                    metric = [abs(float(w_orig[row, c].detach())) * float(feat[e, c]) ** 0.5 for c in range(w_orig.shape[1])]
+                    metric = [abs(float(w_orig[row, c].detach())) * float(feat[e, c]) ** 0.5
+                              for c in range(w_orig.shape[1])]
                     n_zero = int(s * len(metric))
                     lowest = set(sorted(range(len(metric)), key=lambda c: (metric[c], c))[:n_zero])
                     zeroed = {c for c in range(len(metric)) if float(w_new[row, c].detach()) == 0.0}

@@ -206,7 +206,8 @@ def report_markdown(stats: Statistics, files: list[str]) -> str:
         "the selection distribution / log E (1 = perfectly balanced). Super-expert candidates: max |output| > "
         f"{SUPER_THRESHOLD:g} x the layer median. Most similar pairs by output cosine and router-logit cosine.",
         "",
-        "| layer | balance | min share | max share | least used | most used | unused | super | output sim | router sim |",
+        "| layer | balance | min share | max share | least used | most used | unused | super | output sim | "
+        "router sim |",
         "|---:|---:|---:|---:|---|---|---:|---|---|---|",
     ]
     pair = lambda r, k: f"{r[k][0]}-{r[k][1]} ({r[k][2]:.3f})" if k in r else "-"  # noqa: E731

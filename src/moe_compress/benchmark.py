@@ -106,7 +106,8 @@ def check_bench(spec: BenchSpec) -> list[tuple[Variant, Method]]:
     return methods
 
 
-def run_bench(spec: BenchSpec, out: str | Path, overwrite: bool = False, progress: Progress | None = None) -> list[dict]:
+def run_bench(spec: BenchSpec, out: str | Path, overwrite: bool = False,
+              progress: Progress | None = None) -> list[dict]:
     """Run the benchmark and write results.csv, results.md, results.json and plots into ``out``."""
     check_output_dir(out, overwrite)
     methods = check_bench(spec)
@@ -202,7 +203,8 @@ def _run_into(spec: BenchSpec, methods: list[tuple[Variant, Method]], folder: Pa
                              {"statistics": stats_s, **applier.timings, **refine_s, "export": export_s,
                               "eval": eval_s}))
             if spec.save_best and n_new == min(spec.budgets) and (best is None or res["kld"] < best["kld"]):
-                best = {"kld": res["kld"], "model": model.to("cpu"), "variant": variant, "method": method, "n_new": n_new,
+                best = {"kld": res["kld"], "model": model.to("cpu"), "variant": variant, "method": method,
+                        "n_new": n_new,
                         "infos": applier.infos, "refined": refined, "original_params": params_orig["params"],
                         "timings": {"statistics": stats_s, **applier.timings, **refine_s}}
             del model
@@ -262,7 +264,8 @@ def _slug(label: str) -> str:
 def _row(variant: Variant, method: Method, n_orig: int, n_new: int, res: dict, params: dict, params_orig: dict,
          timings: dict) -> dict:
     row = {"method": variant.label, "kind": method.kind, "experts": n_new, "experts_original": n_orig,
-           "params_M": round(params["params"] / 1e6, 3), "params_ratio": round(params["params"] / params_orig["params"], 4),
+           "params_M": round(params["params"] / 1e6, 3),
+           "params_ratio": round(params["params"] / params_orig["params"], 4),
            "ppl": res["ppl"], "ppl_reference": res["ppl_reference"], "ppl_ratio": res["ppl_ratio"],
            "kld": res["kld"], "top1": res["top1"], "tokens": res["tokens"]}
     for d, m in res["domains"].items():

@@ -241,7 +241,8 @@ def build_manifest(recipe: Recipe, method: Method, n_orig: int, n_new: int, info
     the full equivalent recipe."""
     calib_info = None
     if calib is not None:
-        calib_info = {"spec": recipe.calibration.data, "sha256": calib.sha256, "n_samples": int(calib.input_ids.shape[0]),
+        calib_info = {"spec": recipe.calibration.data, "sha256": calib.sha256,
+                      "n_samples": int(calib.input_ids.shape[0]),
                       "seq_len": int(calib.input_ids.shape[1]), "tokens": int(calib.n_tokens)}
     recipe_dict = json.loads(recipe.model_dump_json())
     return {

@@ -135,8 +135,8 @@ def describe_plan(recipe: Recipe) -> str:
         lines.append(f"  calibration {c.data}: {c.n_samples} x {c.seq_len} = {tokens} tokens, batches of "
                      f"{c.batch_size}, mode {recipe.mode}")
         lines.append(f"  time        compute of one forward pass over the calibration tokens ~{flops:.2g} FLOP (2 x "
-                     f"{active / 1e6:.3g}M active parameters x tokens): at least {_duration(flops / GPU_FLOPS)} on a GPU "
-                     f"at {GPU_FLOPS / 1e12:.0f} TFLOP/s, {_duration(flops / CPU_FLOPS)} on a CPU at "
+                     f"{active / 1e6:.3g}M active parameters x tokens): at least {_duration(flops / GPU_FLOPS)} "
+                     f"on a GPU at {GPU_FLOPS / 1e12:.0f} TFLOP/s, {_duration(flops / CPU_FLOPS)} on a CPU at "
                      f"{CPU_FLOPS / 1e12:.1f} TFLOP/s; loading the weights and planning come on top")
     else:
         lines.append("  calibration none (this method needs no data)")

@@ -55,8 +55,15 @@ from moe_compress.errors import UserError
 from moe_compress.export.card import model_card
 from moe_compress.export.dtypes import SavePolicy, resolve_policy
 from moe_compress.export.shards import hub_tensors, shard_name, write_index, write_shard
-from moe_compress.export.writer import (apply_umask_modes, check_output_dir, copy_tokenizer, export_record,
-                                        keep_source_architectures, move_into_place, write_json)
+from moe_compress.export.writer import (
+    apply_umask_modes,
+    check_output_dir,
+    copy_tokenizer,
+    export_record,
+    keep_source_architectures,
+    move_into_place,
+    write_json,
+)
 from moe_compress.plan import fmt_bytes
 
 Progress = Callable[[str, int, int], None]
@@ -315,8 +322,15 @@ def _run(recipe, ctx: DistContext, max_gpu_memory, progress, log, offload) -> St
     from moe_compress.methods.base import get_method
     from moe_compress.models.lazy import LazyCheckpoint
     from moe_compress.models.loading import load_tokenizer, resolve_model
-    from moe_compress.pipeline import (MethodApplier, build_manifest, calibration_set, pick_device, pick_dtype,
-                                       require_calibration, source_size, validate_budget)
+    from moe_compress.pipeline import (
+        MethodApplier,
+        build_manifest,
+        calibration_set,
+        pick_device,
+        pick_dtype,
+        require_calibration,
+        validate_budget,
+    )
     from moe_compress.plan import estimated_output_bytes
 
     t_start = time.perf_counter()
@@ -518,8 +532,8 @@ def _finish(partial: Path, out: Path, lazy, adapter, n_new: int, n_files: int, s
     """Write the non-layer weights (in their written dtypes), index, config, tokenizer, manifest (with the
     written dtypes and sizes) and card; rename into ``out``."""
     from moe_compress.models.lazy import _memory_to_disk
-    from moe_compress.pipeline import source_size
     from moe_compress.models.registry import get_adapter
+    from moe_compress.pipeline import source_size
 
     model = lazy.model
     layer_disk_prefix = _memory_to_disk(lazy._prefix, lazy.names)

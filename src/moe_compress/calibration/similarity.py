@@ -25,11 +25,9 @@ and docs/RESULTS.md ("Merge statistics").
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from moe_compress.calibration.observers import LayerObserver, register_observer
 from moe_compress.models.layer import ExpertWeights, MoELayer
-
 
 CHUNK_ELEMENTS = 2 ** 28
 """Default bound on E x max(H, I) x c, the elements of the largest intermediate of one chunk."""

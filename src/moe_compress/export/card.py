@@ -20,7 +20,8 @@ def model_card(manifest: dict) -> str:
         "|---|---|",
         f"| method | `{m['name']}` ({m['kind']}) |",
         f"| method parameters | `{m['params']}` |",
-        f"| calibration | {calib.get('spec', 'none')} ({calib.get('n_samples', 0)} x {calib.get('seq_len', 0)} tokens) |",
+        f"| calibration | {calib.get('spec', 'none')} "
+        f"({calib.get('n_samples', 0)} x {calib.get('seq_len', 0)} tokens) |",
         f"| mode | {manifest.get('mode')} |",
         *_export_rows(manifest.get("export")),
         "",

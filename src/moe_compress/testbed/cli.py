@@ -59,7 +59,8 @@ def train(
     set_: list[str] = typer.Option([], "--set", help="Model config override KEY=VALUE (repeatable)."),
 ) -> None:
     """Train a testbed MoE from scratch and save a standard HF checkpoint + tokenizer + training.json."""
-    from moe_compress.testbed.train import TrainSettings, train as run_training
+    from moe_compress.testbed.train import TrainSettings
+    from moe_compress.testbed.train import train as run_training
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     settings = TrainSettings(

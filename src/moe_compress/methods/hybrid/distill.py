@@ -8,9 +8,10 @@ reproduce the original model's (the teacher's) next-token distributions on the c
     L(theta) = (1 / #real tokens) sum_{rows, real positions} KL( p_teacher(. | prefix) || p_student(. | prefix) )
 
 by minibatch Adam (``schedule``: a constant step size, or ``"cosine"``: a linear warm-up over the first 5% of
-the steps, then a cosine decay to zero) over ``params``: ``"moe"`` (default) the parameters of the compressed MoE blocks (routers,
-routed and shared experts), ``"all"`` every parameter but the embeddings and the output head. The student runs
-in fp32 in eval mode (no dropout, no router jitter); the teacher runs in its own dtype without gradients.
+the steps, then a cosine decay to zero) over ``params``: ``"moe"`` (default) the parameters of the compressed
+MoE blocks (routers, routed and shared experts), ``"all"`` every parameter but the embeddings and the output
+head. The student runs in fp32 in eval mode (no dropout, no router jitter); the teacher runs in its own dtype
+without gradients.
 
 Over-fitting the calibration rows is the risk (a few hundred rows are a few hundred thousand tokens): every
 ``every`` steps the KL on ``holdout`` of the rows (every k-th row, never trained on) is measured and the
@@ -45,7 +46,8 @@ def trainable_parameters(model, adapter, which: Literal["moe", "all"]) -> dict[s
 
 def step_size_factor(i: int, steps: int, schedule: str) -> float:
     """Multiplier of the step size at optimizer step i (0-based) of ``steps``: 1 (``constant``), or (``cosine``)
-    a linear warm-up over the first 5% of the steps, then a half cosine from 1 towards 0 (reached one step after the last)."""
+    a linear warm-up over the first 5% of the steps, then a half cosine from 1 towards 0 (reached one step after
+    the last)."""
     if schedule == "constant":
         return 1.0
     warm = max(1, round(0.05 * steps))
@@ -136,6 +138,7 @@ def distill(student, teacher, adapter, input_ids: torch.Tensor, attention_mask: 
         for name, t in float_tensors(student).items():  # back to each tensor's own dtype (fp32 -> bf16 exact)
             t.data = t.data.to(dtypes[name])
     return {"steps": steps, "params": params, "trainable": int(sum(p.numel() for p in named.values())),
-            "lr": lr, "schedule": schedule, "batch_rows": batch_rows, "train_rows": int(train_rows.numel()), "heldout_rows": int(n_hold),
+            "lr": lr, "schedule": schedule, "batch_rows": batch_rows, "train_rows": int(train_rows.numel()),
+            "heldout_rows": int(n_hold),
             "heldout_kl": [round(start, 6), round(best, 6)], "kept_step": best_step,
             "seconds": round(time.perf_counter() - t0, 3)}

@@ -26,8 +26,8 @@ with U_r the top-r left singular vectors of B, i.e. the top-r eigenvectors of B 
 the merge never needs V: we form the [out, out] Gram sum_i W_i C W_i^T (or, when n in < out, the [n in, n in]
 Gram B^T B and U_r = B V_r Lambda_r^-1/2), take its eigendecomposition in fp64 (groups of equal size batched
 into one ``torch.linalg.eigh``, on the weights' device), and project the frequency-weighted average. On one
-H100 a Mixtral-8x7B layer 8 -> 4 at rank_ratio 0.5 takes 6.0 s this way (the issue's anchor for an SVD per group: 63 s), almost all
-of it in the dense eigendecompositions (docs/RESULTS.md, "Scale"). At full rank
+H100 a Mixtral-8x7B layer 8 -> 4 at rank_ratio 0.5 takes 6.0 s this way (the issue's anchor for an SVD per group:
+63 s), almost all of it in the dense eigendecompositions (docs/RESULTS.md, "Scale"). At full rank
 (``rank_ratio=1``) the projection is the identity and Sub-MoE's merge IS the frequency-weighted average.
 With whitening the truncation minimises the error on the calibration inputs instead of the Frobenius error.
 
@@ -62,7 +62,8 @@ WHITEN_DAMP = 1e-4  # C + damp * tr(C)/d * I: keeps the second moment positive d
 AVERAGE_CHUNK_ELEMENTS = 1 << 28  # experts' elements converted to float32 at once in `average` (1 GiB)
 
 
-def group_weights(freq: torch.Tensor, groups: list[list[int]], weighting: Weighting = "frequency") -> list[torch.Tensor]:
+def group_weights(freq: torch.Tensor, groups: list[list[int]],
+                  weighting: Weighting = "frequency") -> list[torch.Tensor]:
     """Merge weights per group (float64, each summing to 1): w_i = F_i / sum_g F, or uniform."""
     f = freq.detach().double().cpu().clamp(min=0.0)
     out = []

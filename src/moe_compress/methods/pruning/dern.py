@@ -30,8 +30,14 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from moe_compress.methods.base import LayerContext, LayerPlan, register
-from moe_compress.methods.pruning.base import (PruneParams, ScorePruning, check_target, choose_kept,
-                                               protected_experts, rounded)
+from moe_compress.methods.pruning.base import (
+    PruneParams,
+    ScorePruning,
+    check_target,
+    choose_kept,
+    protected_experts,
+    rounded,
+)
 from moe_compress.models.layer import ExpertWeights
 from moe_compress.models.surgery import keep_set
 
