@@ -149,12 +149,6 @@ def _sparsemixer(scores: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.
     return torch.cat([idx1, idx2], dim=-1), torch.cat([w1, w2], dim=-1)
 
 
-def routing_mass(idx: torch.Tensor, weights: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """Sum of routing weights each expert receives: idx/weights [T, k] -> [E] float64."""
-    out = torch.zeros(n_experts, dtype=torch.float64, device=idx.device)
-    return out.index_add_(0, idx.reshape(-1), weights.reshape(-1).double())
-
-
 def selection_counts(idx: torch.Tensor, n_experts: int) -> torch.Tensor:
     """Number of top-k selections per expert: idx [T, k] -> [E] int64."""
     return torch.bincount(idx.reshape(-1), minlength=n_experts)

@@ -19,8 +19,10 @@ from transformers import PreTrainedTokenizerFast
 
 from moe_compress.errors import UserError
 
-DEFAULT_TRAIN_DATA = Path("/work/shared/data/train")
-DEFAULT_EVAL_DATA = Path("/work/shared/data/eval")
+# the project's corpus beside a checkout (src/moe_compress/testbed/data.py -> ../shared/data), as in demo.py
+_SHARED_DATA = Path(__file__).resolve().parents[4] / "shared" / "data"
+DEFAULT_TRAIN_DATA = _SHARED_DATA / "train"
+DEFAULT_EVAL_DATA = _SHARED_DATA / "eval"
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 _SUFFIXES = (".jsonl.xz", ".jsonl", ".txt")

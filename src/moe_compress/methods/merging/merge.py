@@ -76,14 +76,6 @@ def group_weights(freq: torch.Tensor, groups: list[list[int]],
     return out
 
 
-def _assignment(groups: list[list[int]], weights: list[torch.Tensor], n_experts: int, device) -> torch.Tensor:
-    """[k, E] float32 matrix A with A[g, i] = w_i for i in group g."""
-    a = torch.zeros(len(groups), n_experts, dtype=torch.float64)
-    for j, (g, w) in enumerate(zip(groups, weights)):
-        a[j, g] = w
-    return a.to(device=device, dtype=torch.float32)
-
-
 def average(t: torch.Tensor | None, groups: list[list[int]], weights: list[torch.Tensor]) -> torch.Tensor | None:
     """[E, ...] -> [k, ...] float32: sum_i w_i t_i per group (a member of weight 1 is copied exactly).
 
