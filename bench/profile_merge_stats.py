@@ -76,16 +76,14 @@ def main(argv=None) -> dict:
 
     def run(make):
         obs = make()
-        if obs is None:
-            for x in xs:
-                block(x)
-            return None
-        obs.install()
+        if obs is not None:
+            obs.install()
         try:
             for x in xs:
                 block(x)
         finally:
-            obs.remove()
+            if obs is not None:
+                obs.remove()
         return obs
 
     variants = {"plain eager": None, "plain grouped_mm": None, "routed": lambda: ObservedExperts(view),

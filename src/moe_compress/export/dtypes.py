@@ -82,19 +82,20 @@ def source_folder(spec_path: str) -> Path | None:
     return Path(cached).parent if isinstance(cached, str) else None
 
 
-def source_dtypes(folder: Path | None) -> dict[str, torch.dtype]:
-    """{hub key: stored dtype} of the floating tensors in ``folder``'s safetensors files (headers only)."""
+def source_dtypes(folder: Path | None) -> tuple[dict[str, torch.dtype], dict[str, int]]:
+    """({hub key: stored dtype}, {hub key: bytes}) of the floating tensors in ``folder``'s safetensors files, from
+    one read of their headers; both empty without such files."""
     if folder is None or not any(folder.glob("*.safetensors")):
-        return {}
+        return {}, {}
     from moe_compress.models.lazy import SafetensorsFolder
 
     files = SafetensorsFolder(folder)
-    out = {}
+    dtypes, sizes = {}, {}
     for key in files.keys():
         dt = files.dtype(key)
         if dt is not None and dt.is_floating_point:
-            out[key] = dt
-    return out
+            dtypes[key], sizes[key] = dt, files.entries[key][4]
+    return dtypes, sizes
 
 
 def main_dtype(files: dict[str, torch.dtype], sizes: dict[str, int] | None, config) -> torch.dtype:
@@ -121,13 +122,7 @@ def resolve_policy(save_dtype: str, source_path: str, config, model_class=None) 
         keep = tuple(getattr(model_class, "_keep_in_fp32_modules", None) or ()) + tuple(
             getattr(model_class, "_keep_in_fp32_modules_strict", None) or ())
         return SavePolicy(save_dtype, getattr(torch, save_dtype), keep_fp32=keep)
-    folder = source_folder(source_path)
-    files = source_dtypes(folder)
-    sizes = None
-    if files:
-        from moe_compress.models.lazy import SafetensorsFolder
-
-        sizes = {k: e[4] for k, e in SafetensorsFolder(folder).entries.items()}
+    files, sizes = source_dtypes(source_folder(source_path))
     return SavePolicy("source", main_dtype(files, sizes, config), files)
 
 
@@ -157,20 +152,13 @@ def written_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
 
 
-def written_dtypes(folder: Path) -> dict[str, int]:
-    """{dtype name: number of tensors} in ``folder``'s safetensors files (headers only)."""
-    from moe_compress.models.lazy import SafetensorsFolder
-
-    files = SafetensorsFolder(folder)
-    count = Counter(_name(files.dtype(k)) if files.dtype(k) is not None else files.entries[k][1] for k in files.keys())
-    return dict(sorted(count.items()))
-
-
-def written_params(folder: Path) -> int:
-    """Number of tensor elements in ``folder``'s safetensors files (headers only)."""
+def written_summary(folder: Path) -> tuple[int, dict[str, int]]:
+    """(number of tensor elements, {dtype name: number of tensors}) of ``folder``'s safetensors files, from one
+    read of their headers."""
     import math
 
     from moe_compress.models.lazy import SafetensorsFolder
 
     files = SafetensorsFolder(folder)
-    return sum(math.prod(files.shape(k)) for k in files.keys())
+    count = Counter(_name(files.dtype(k)) if files.dtype(k) is not None else files.entries[k][1] for k in files.keys())
+    return sum(math.prod(files.shape(k)) for k in files.keys()), dict(sorted(count.items()))

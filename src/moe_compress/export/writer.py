@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from moe_compress.errors import UserError, is_disk_full
-from moe_compress.export.dtypes import SavePolicy, cast_model, written_bytes, written_dtypes, written_params
+from moe_compress.export.dtypes import SavePolicy, cast_model, written_bytes, written_summary
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
@@ -172,8 +172,8 @@ def write_json(path: Path, data: dict) -> None:
 def export_record(policy: SavePolicy, original_params: int, source_bytes: int | None, folder: Path) -> dict:
     """compression.json's ``export`` entry: the dtypes and parameter count of the tensors written into ``folder``
     (read back from the safetensors headers), against ``original_params`` and ``source_bytes``."""
-    written, n = written_bytes(folder), written_params(folder)
-    return {**policy.describe(), "tensors_by_dtype": written_dtypes(folder),
+    written, (n, by_dtype) = written_bytes(folder), written_summary(folder)
+    return {**policy.describe(), "tensors_by_dtype": by_dtype,
             "parameters": {"original": original_params, "written": n, "fraction": round(n / original_params, 6)},
             "bytes": {"source": source_bytes, "written": written,
                       "fraction": None if not source_bytes else round(written / source_bytes, 6)}}
