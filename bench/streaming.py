@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from moe_compress.models.lazy import write_random_checkpoint  # noqa: E402
 from moe_compress.models.tiny import tiny_config, tiny_model  # noqa: E402
-from moe_compress.plan import fmt_bytes  # noqa: E402
 from moe_compress.recipe import build_recipe  # noqa: E402
+from moe_compress.sizes import fmt_bytes  # noqa: E402
 from moe_compress.streaming import compress_streaming, parse_size  # noqa: E402
 
 

@@ -212,7 +212,7 @@ def compress(
 
 def size_line(manifest: dict) -> str:
     """'28.73 MiB -> 15.12 MiB bfloat16 (52.6% of the source's bytes, 52.4% of its parameters)'."""
-    from moe_compress.plan import fmt_bytes
+    from moe_compress.sizes import fmt_bytes
 
     x = manifest.get("export")
     if not x:

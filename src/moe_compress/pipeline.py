@@ -186,7 +186,7 @@ def compress(recipe: Recipe, progress: Progress | None = None, write: bool = Tru
     config = load_config(recipe.model, recipe.trust_remote_code)
     n_new = validate_budget(recipe, get_adapter(config), method)
     if write:  # room for the result, before the weights are loaded
-        from moe_compress.plan import estimated_output_bytes
+        from moe_compress.sizes import estimated_output_bytes
 
         check_output_dir(recipe.output, recipe.overwrite, estimated_output_bytes(recipe, config, n_new))
     model = load_model(recipe.model, dtype=pick_dtype(recipe.dtype), device="cpu",

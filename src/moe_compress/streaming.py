@@ -64,7 +64,7 @@ from moe_compress.export.writer import (
     move_into_place,
     write_json,
 )
-from moe_compress.plan import fmt_bytes
+from moe_compress.sizes import fmt_bytes
 
 Progress = Callable[[str, int, int], None]
 STATE_FILE = "progress.json"
@@ -331,7 +331,7 @@ def _run(recipe, ctx: DistContext, max_gpu_memory, progress, log, offload) -> St
         require_calibration,
         validate_budget,
     )
-    from moe_compress.plan import estimated_output_bytes
+    from moe_compress.sizes import estimated_output_bytes
 
     t_start = time.perf_counter()
     out = Path(recipe.output)
