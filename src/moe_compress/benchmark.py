@@ -201,7 +201,7 @@ def _run_into(spec: BenchSpec, methods: list[tuple[Variant, Method]], folder: Pa
             eval_s = time.perf_counter() - t2
             rows.append(_row(variant, method, n_orig, n_new, res, parameter_counts(model), params_orig,
                              {"statistics": stats_s, **applier.timings, **refine_s, "export": export_s,
-                              "eval": eval_s}))
+                              "eval": eval_s}, applier.infos))
             if spec.save_best and n_new == min(spec.budgets) and (best is None or res["kld"] < best["kld"]):
                 best = {"kld": res["kld"], "model": model.to("cpu"), "variant": variant, "method": method,
                         "n_new": n_new,
@@ -262,7 +262,7 @@ def _slug(label: str) -> str:
 
 
 def _row(variant: Variant, method: Method, n_orig: int, n_new: int, res: dict, params: dict, params_orig: dict,
-         timings: dict) -> dict:
+         timings: dict, infos: dict[int, dict] | None = None) -> dict:
     row = {"method": variant.label, "kind": method.kind, "experts": n_new, "experts_original": n_orig,
            "params_M": round(params["params"] / 1e6, 3),
            "params_ratio": round(params["params"] / params_orig["params"], 4),
@@ -271,6 +271,10 @@ def _row(variant: Variant, method: Method, n_orig: int, n_new: int, res: dict, p
     for d, m in res["domains"].items():
         for k in ("ppl_ratio", "kld", "top1"):
             row[f"{d}.{k}"] = m[k]
+    errors = {i: info["layer_error"] for i, info in sorted((infos or {}).items()) if "layer_error" in info}
+    if errors:  # per MoE layer, before any end-to-end refinement (pipeline.MethodApplier)
+        row["layer_error"] = round(sum(errors.values()) / len(errors), 6)
+        row.update({f"layer_error.{i}": v for i, v in errors.items()})
     row.update({f"time_{k}_s": round(v, 4) for k, v in timings.items()})
     return row
 

@@ -23,6 +23,7 @@ from moe_compress.export.card import model_card
 from moe_compress.export.dtypes import resolve_policy
 from moe_compress.export.writer import check_output_dir, export_checkpoint
 from moe_compress.methods.base import LayerContext, Method, format_method_spec, get_method
+from moe_compress.methods.reconstruction import layer_error
 from moe_compress.models.layer import ExpertSet
 from moe_compress.models.loading import load_config, load_model, load_tokenizer, resolve_model
 from moe_compress.models.registry import get_adapter
@@ -102,7 +103,7 @@ class MethodApplier:
         self.blocks = adapter.moe_blocks(model)
         self.generator = torch.Generator().manual_seed(seed)
         self.infos: dict[int, dict] = {}
-        self.timings = {"planning": 0.0, "surgery": 0.0}
+        self.timings = {"planning": 0.0, "layer_error": 0.0, "surgery": 0.0}
         self.counts: set[int] = set()   # experts per layer written
         self.widths: set[int] = set()   # intermediate size written
         self.width_orig = adapter.expert_width()
@@ -117,11 +118,16 @@ class MethodApplier:
         t0 = time.perf_counter()
         plan = self.method.plan(ctx)
         t1 = time.perf_counter()
+        if inputs is not None and inputs.shape[0] and "layer_error" not in plan.info:
+            # the routed-output error of the new experts against the original block on calibration inputs
+            plan.info["layer_error"] = round(layer_error(ctx.layer, plan.expert_set, inputs), 6)
+        t2 = time.perf_counter()
         write_block(self.adapter, block, plan.expert_set)
         self.counts.add(plan.expert_set.n_experts)
         self.widths.add(plan.expert_set.experts.gate.shape[1])
         self.timings["planning"] += t1 - t0
-        self.timings["surgery"] += time.perf_counter() - t1
+        self.timings["layer_error"] += t2 - t1
+        self.timings["surgery"] += time.perf_counter() - t2
         self.infos[index] = {**plan.info, "sources": _sources(plan.expert_set)}
 
     def finish(self) -> None:

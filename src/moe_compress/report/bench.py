@@ -66,6 +66,21 @@ def timing_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def layer_error_table(rows: list[dict], budget: int) -> str | None:
+    """Per MoE layer, ||Y' - Y||^2 / ||Y||^2 of each method's new experts against the original block's routed
+    output on calibration inputs (before any end-to-end refinement); None when no row has it."""
+    sel = [r for r in rows if r["experts"] == budget and "layer_error" in r]
+    if not sel:
+        return None
+    layers = sorted({int(k.split(".", 1)[1]) for r in sel for k in r if k.startswith("layer_error.")})
+    head = ["method", "mean"] + [f"layer {i}" for i in layers]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for r in sel:
+        cells = [r["method"], _fmt(r["layer_error"], 4)] + [_fmt(r.get(f"layer_error.{i}"), 4) for i in layers]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def markdown_report(rows: list[dict], meta: dict, plots: list[str]) -> str:
     ref = rows[0]["ppl_reference"] if rows else None
     cal = meta["calibration"]
@@ -83,6 +98,13 @@ def markdown_report(rows: list[dict], meta: dict, plots: list[str]) -> str:
     ]
     for n in meta["budgets"]:
         parts += [f"## {n} experts kept", "", markdown_table(rows, n), ""]
+    for n in meta["budgets"]:
+        table = layer_error_table(rows, n)
+        if table:
+            parts += [f"## Layer output error, {n} experts kept", "",
+                      "||Y' - Y||^2 / ||Y||^2 of the new experts against the original block's routed output "
+                      "(shared experts excluded), per MoE layer, on up to 4096 calibration inputs of the original "
+                      "model, before any end-to-end refinement.", "", table, ""]
     parts += ["## Timings", "", timing_table(rows), ""]
     parts += [f"![{p}]({p})" for p in plots]
     return "\n".join(parts) + "\n"

@@ -60,6 +60,7 @@ from moe_compress.errors import UserError
 from moe_compress.methods.base import LayerContext, LayerPlan, Method, get_method, register
 from moe_compress.methods.hybrid.distill import distill
 from moe_compress.methods.pruning.base import PruneParams, check_target, rounded
+from moe_compress.methods.reconstruction import original_output, relative_error
 from moe_compress.models.layer import ExpertSet, ExpertWeights, MoELayer, expert_forward
 from moe_compress.models.routing import route
 from moe_compress.models.surgery import keep_set
@@ -72,21 +73,6 @@ Selection = Literal["naee", "reap", "soft-count", "frequency", "ean"]
 # ---------------------------------------------------------------------------------------------------------------
 # the pieces (pure functions on tensors; fp32 compute, fp64 accumulation where it matters)
 # ---------------------------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def original_output(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
-    """The original block's routed output (shared experts excluded) on x [T, H] -> Y [T, H] fp32.
-
-    Experts run in fp32 on fp32 copies of their weights (the same function as the model up to rounding)."""
-    w = layer.experts.to(dtype=torch.float32)
-    idx, wt = layer.route(x.to(layer.router_weight.dtype))
-    y = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
-    for e in range(layer.n_experts):
-        tok, slot = torch.nonzero(idx == e, as_tuple=True)
-        if tok.numel():
-            y.index_add_(0, tok, wt[tok, slot, None] * expert_forward(w, e, x[tok], layer.activation))
-    return y
-
 
 def routed(logits: torch.Tensor, layer: MoELayer, correction_bias: torch.Tensor | None):
     """The layer's routing rule on the kept experts' logits [T, n] -> (idx [T, k], weights [T, k])."""
@@ -103,12 +89,6 @@ def mixture(yk: torch.Tensor, idx: torch.Tensor, wt: torch.Tensor) -> torch.Tens
     """yk [T, n, H] expert outputs, idx/wt [T, k] routing -> routed output [T, H]."""
     picked = yk.gather(1, idx.unsqueeze(-1).expand(-1, -1, yk.shape[-1]))  # [T, k, H]
     return (wt.unsqueeze(-1) * picked).sum(dim=1)
-
-
-@torch.no_grad()
-def relative_error(y: torch.Tensor, target: torch.Tensor) -> float:
-    """||y - target||^2 / ||target||^2 (fp64)."""
-    return float((y.double() - target.double()).pow(2).sum() / target.double().pow(2).sum().clamp(min=1e-30))
 
 
 def refit_router(layer: MoELayer, x: torch.Tensor, target: torch.Tensor, yk: torch.Tensor, weight: torch.Tensor,
@@ -355,6 +335,8 @@ class Refit(Method):
 
     class Params(PruneParams):
         select: Selection = "reap"                   # how the kept set is chosen (measured best: reap)
+        merge: Literal["msmoe", "hcsmoe", "submoe"] | None = None  # merge instead of select: the re-fits
+        #                                              start from that method's merged experts (its defaults)
         select_tokens: int = Field(4096, ge=1)       # naee: calibration tokens for the search
         select_balance: Literal["tokens", "domains"] = "tokens"  # naee: domains = per-domain regret (naee.py)
         fit_tokens: int = Field(16384, ge=16)        # tokens for the re-fits (evenly subsampled)
@@ -375,6 +357,18 @@ class Refit(Method):
         distill_batch: int = Field(8, ge=1)          # calibration rows per step
         distill_every: int = Field(25, ge=1)         # held-out check interval (steps)
         distill_schedule: Literal["constant", "cosine"] = "constant"  # step size over the steps (distill.py)
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        if self.params.merge is not None:
+            if self.params.fold:
+                raise UserError("refit: merge and fold=true both say what the kept experts start from: "
+                                "use one of them")
+            self.merger = get_method(self.params.merge)
+            self.needs = frozenset(self.needs | self.merger.needs)
+
+    def observer_options(self) -> dict:
+        return self.merger.observer_options() if self.params.merge is not None else {}
 
     @property
     def needs_teacher(self) -> bool:
@@ -401,6 +395,15 @@ class Refit(Method):
         p, layer = self.params, ctx.layer
         if ctx.inputs is None or ctx.inputs.shape[0] == 0:
             raise UserError(f"method {self.name} needs the MoE inputs of calibration tokens: pass --calib SPEC")
+        if p.merge is not None:  # the re-fits start from the merging method's experts and router rows
+            merged = self.merger.plan(ctx)
+            info = {"merge": p.merge, **{k: merged.info[k] for k in ("groups", "merge_weights", "router")
+                                         if k in merged.info}}
+            if p.router_steps == 0 and not p.refit_down:
+                return LayerPlan(merged.expert_set, info)
+            out_set, fit_info = self.refit(layer, merged.expert_set, ctx.inputs)
+            info.update(fit_info)
+            return LayerPlan(out_set, info)
         sel = self._selector().plan(ctx)
         kept = sel.info["kept"]
         base = keep_set(layer, kept)

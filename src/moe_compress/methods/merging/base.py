@@ -18,11 +18,13 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from moe_compress.errors import UserError
 from moe_compress.methods.base import LayerContext, LayerPlan, Method, Params
 from moe_compress.methods.merging import signals
 from moe_compress.methods.merging.align import align_groups
 from moe_compress.methods.merging.grouping import Signal
 from moe_compress.methods.merging.merge import Weighting, frequency_average, group_weights
+from moe_compress.methods.merging.oracle import measured_weights
 from moe_compress.methods.merging.router import RouterRule, adapt_router, routing_mass_error
 from moe_compress.models.layer import ExpertSet, ExpertWeights
 
@@ -107,7 +109,14 @@ def merge_plan(ctx: LayerContext, groups: list[list[int]], params: MergeParams, 
     flat = sorted(e for g in groups for e in g)
     if flat != list(range(layer.n_experts)):
         raise ValueError(f"layer {layer.index}: groups {groups} are not a partition of {layer.n_experts} experts")
-    weights = group_weights(freq, groups, params.weighting)
+    blend_info = None
+    if params.weighting == "measured":
+        if x is None or x.shape[0] == 0:
+            raise UserError("weighting=measured needs calibration inputs (--calib)")
+        weights, blend_info = measured_weights(layer, groups, x, freq, router=params.router, tau=params.tau,
+                                               ridge=params.ridge)
+    else:
+        weights = group_weights(freq, groups, params.weighting)
     w = layer.experts
     align_info = None
     if params.align:
@@ -133,6 +142,7 @@ def merge_plan(ctx: LayerContext, groups: list[list[int]], params: MergeParams, 
         "frequencies": [[round(float(freq[e]) / n_tokens, 6) for e in g] for g in groups],
         "merge_weights": [[round(float(v), 6) for v in wg] for wg in weights],
         "weighting": params.weighting,
+        **(blend_info or {}),
         **merge_info,
         "align": align_info if params.align else False,
         "router": rows.info,

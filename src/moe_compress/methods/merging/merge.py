@@ -56,7 +56,7 @@ import torch
 
 from moe_compress.models.layer import Activation, ExpertWeights
 
-Weighting = Literal["frequency", "uniform"]
+Weighting = Literal["frequency", "uniform", "measured"]  # measured: oracle.measured_weights (merge_plan)
 SvdMode = Literal["exact", "randomized"]
 WHITEN_DAMP = 1e-4  # C + damp * tr(C)/d * I: keeps the second moment positive definite
 AVERAGE_CHUNK_ELEMENTS = 1 << 28  # experts' elements converted to float32 at once in `average` (1 GiB)

@@ -4,7 +4,8 @@ Expert similarity = mean cosine of two experts' outputs over calibration tokens;
 the similarity rows groups the experts; per group and projection, the SVD of the members' weights concatenated
 along the input axis shares the output-side basis U, and the expert-specific V_i are merged with the
 frequencies: W_g = U_r Sigma_r (sum_i f_i V_i)_r^T = P_r sum_i f_i W_i (see `merge.py`). Switches:
-``similarity`` (output | router | weight | output_mean), ``clustering`` (kmeans | hierarchical | dominant),
+``similarity`` (output | router | weight | output_mean), ``clustering`` (kmeans | hierarchical | dominant |
+oracle: the partition chosen by the measured merged-layer error, `oracle.py`; a diagnosis tool),
 ``rank_ratio`` (< 1 truncates), ``svd`` (exact | randomized: randomized subspace iteration for the truncated
 subspace, with ``oversample``, ``power_iters``, ``svd_seed``; its error measures go into the plan info),
 ``whiten`` (Sub-MoE-dagger: SVD-LLM whitening by the group's calibration
@@ -23,6 +24,7 @@ from moe_compress.methods.base import register
 from moe_compress.methods.merging.base import MergeMethod, MergeParams, similarity_signal
 from moe_compress.methods.merging.grouping import group_experts
 from moe_compress.methods.merging.merge import submoe_merge
+from moe_compress.methods.merging.oracle import oracle_groups
 
 
 def group_tokens(layer, x: torch.Tensor, groups: list[list[int]]) -> list[torch.Tensor]:
@@ -45,7 +47,8 @@ class SubMoE(MergeMethod):
 
     class Params(MergeParams):
         similarity: Literal["output", "router", "weight", "output_mean"] = "output"
-        clustering: Literal["kmeans", "hierarchical", "dominant"] = "kmeans"
+        clustering: Literal["kmeans", "hierarchical", "dominant", "oracle"] = "kmeans"  # oracle: oracle.py
+        oracle_tokens: int = Field(2048, ge=16)          # oracle: calibration tokens of the measured error
         linkage: Literal["average", "single", "complete"] = "average"
         whiten: bool = False
         rank_ratio: float = Field(1.0, gt=0.0, le=1.0)
@@ -57,6 +60,13 @@ class SubMoE(MergeMethod):
 
     def group(self, ctx, freq, x):
         p = self.params
+        if p.clustering == "oracle":
+            if x is None or x.shape[0] == 0:
+                raise UserError("submoe clustering=oracle needs calibration inputs (--calib)")
+            weighting = "uniform" if p.weighting == "uniform" else "frequency"  # the search's merge weights
+            groups, info = oracle_groups(ctx.layer, x, freq, ctx.n_experts, n_tokens=p.oracle_tokens,
+                                         router=p.router, weighting=weighting, tau=p.tau, ridge=p.ridge)
+            return groups, {"clustering": "oracle", **info}
         signal = similarity_signal(p.similarity, ctx, x)
         groups = group_experts(signal, ctx.n_experts, p.clustering, n_group=ctx.layer.rule.n_group, freq=freq,
                                generator=ctx.generator, linkage=p.linkage, n_init=p.n_init)
