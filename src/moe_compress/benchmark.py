@@ -202,6 +202,8 @@ def _run_into(spec: BenchSpec, methods: list[tuple[Variant, Method]], folder: Pa
             rows.append(_row(variant, method, n_orig, n_new, res, parameter_counts(model), params_orig,
                              {"statistics": stats_s, **applier.timings, **refine_s, "export": export_s,
                               "eval": eval_s}, applier.infos))
+            with open(folder / "rows.partial.jsonl", "a") as fh:  # survives an interrupted run
+                fh.write(json.dumps(rows[-1]) + "\n")
             if spec.save_best and n_new == min(spec.budgets) and (best is None or res["kld"] < best["kld"]):
                 best = {"kld": res["kld"], "model": model.to("cpu"), "variant": variant, "method": method,
                         "n_new": n_new,
@@ -221,6 +223,7 @@ def _run_into(spec: BenchSpec, methods: list[tuple[Variant, Method]], folder: Pa
                               "kld": best["kld"]}
         _export_best(spec, best, calib, tokenizer, n_orig, folder / spec.save_best)
     write_results(folder, rows, meta)
+    (folder / "rows.partial.jsonl").unlink(missing_ok=True)
     return rows
 
 
