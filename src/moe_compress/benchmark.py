@@ -204,6 +204,17 @@ def _run_into(spec: BenchSpec, methods: list[tuple[Variant, Method]], folder: Pa
                               "eval": eval_s}, applier.infos))
             with open(folder / "rows.partial.jsonl", "a") as fh:  # survives an interrupted run
                 fh.write(json.dumps(rows[-1]) + "\n")
+            twin = copy.deepcopy(original)
+            paper = method.in_memory_model(twin, get_adapter(twin), layer_stats, applier.infos)
+            del twin
+            if paper is not None:  # the paper's model that a standard checkpoint cannot hold (MoNE's novices)
+                paper_model, paper_params = paper
+                t2 = time.perf_counter()
+                res = evaluate_lm(paper_model, windows, reference=original, batch_size=spec.eval_batch_size).to_dict()
+                label = Variant(f"{variant.label} (in memory)", variant.name, variant.params)
+                rows.append(_row(label, method, n_orig, n_new, res, {"params": paper_params}, params_orig,
+                                 {"eval": time.perf_counter() - t2}))
+                del paper_model
             if spec.save_best and n_new == min(spec.budgets) and (best is None or res["kld"] < best["kld"]):
                 best = {"kld": res["kld"], "model": model.to("cpu"), "variant": variant, "method": method,
                         "n_new": n_new,

@@ -97,6 +97,13 @@ class Method:
         JSON-able record for compression.json, or None when the method has no such stage."""
         return None
 
+    def in_memory_model(self, model, adapter, stats: dict[int, dict[str, torch.Tensor]],
+                        infos: dict[int, dict]) -> tuple[Any, int] | None:
+        """A method whose paper's model is not a standard checkpoint (MoNE's novices) can return it here for
+        evaluation: ``model`` (a copy of the original, changed in place, e.g. by hooks) and its parameter count as
+        the paper counts it; ``stats``/``infos`` are the statistics and plan records per layer. Default: None."""
+        return None
+
     def observer_options(self) -> dict[str, Any]:
         """Options for the statistic observers this method needs (e.g. a token budget)."""
         return {}
