@@ -229,7 +229,16 @@ def all_methods() -> dict[str, type[Method]]:
     return dict(sorted(METHODS.items()))
 
 
+METHOD_PACKAGES = ("moe_compress.methods.pruning", "moe_compress.methods.merging", "moe_compress.methods.hybrid")
+
+
 def _load_builtin_methods() -> None:
-    import moe_compress.methods.hybrid  # noqa: F401  (registration side effects)
-    import moe_compress.methods.merging  # noqa: F401
-    import moe_compress.methods.pruning  # noqa: F401
+    """Import every module of the method packages (each registers its methods on import): a new method is one
+    new file, with no list to edit."""
+    import importlib
+    import pkgutil
+
+    for package in METHOD_PACKAGES:
+        pkg = importlib.import_module(package)
+        for info in pkgutil.iter_modules(pkg.__path__):
+            importlib.import_module(f"{package}.{info.name}")

@@ -1,3 +1,2 @@
-"""Hybrid methods (selection plus re-fitting of what is kept): each module registers its methods on import."""
-
-from moe_compress.methods.hybrid import refit  # noqa: F401
+"""Hybrid methods (selection plus re-fitting of what is kept): every module of this package is imported by
+`methods.base`, and the method modules register themselves."""

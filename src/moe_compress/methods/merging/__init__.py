@@ -1,3 +1,2 @@
-"""Merging methods: each module registers its methods on import (msmoe, hcsmoe, submoe)."""
-
-from moe_compress.methods.merging import hcsmoe, msmoe, submoe  # noqa: F401
+"""Merging methods and their shared pieces (grouping, merge, router, oracle, ...): every module of this package
+is imported by `methods.base`, and the method modules register themselves."""

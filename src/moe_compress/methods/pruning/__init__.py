@@ -1,3 +1,2 @@
-"""Pruning methods: each module registers its methods on import."""
-
-from moe_compress.methods.pruning import dern, ean, easy_ep, heapr, mone, naee, reap, simple, stun  # noqa: F401
+"""Pruning methods: one module per method; each registers its methods on import (`methods.base` imports
+every module of this package)."""
