@@ -1,9 +1,13 @@
-"""Expert usage per calibration domain (observer plug-in).
+"""Expert statistics per calibration domain (observer plug-ins).
 
 ``frequency_by_domain`` [D, E] float64: number of top-k selections of expert e by real tokens of domain d, so
 that its sum over d is ``frequency``. Each token's domain id comes from the runner (``token_domain``, from the
 domain of its calibration row); without domains every token is domain 0. D is the option ``n_domains`` (the
 rows grow if a larger id appears).
+
+``tcess_by_domain`` [D, E] and ``tokens_by_domain`` [D] (PreMoe): per domain, the sum over real tokens of the
+selection markers of `selection_markers` (the score of each of the token's k highest router logits, 0
+elsewhere) and the token count; see `TaskSelectionScore`.
 """
 
 from __future__ import annotations
@@ -39,3 +43,96 @@ class DomainFrequency(LayerObserver):
 
     def result(self):
         return {"frequency_by_domain": self.counts.clone()}
+
+
+# -- PreMoe's task-conditioned expected selection score ----------------------------------------------------------
+
+TCESS_SCORES = ("auto", "logit", "prob")
+
+
+def resolve_score(score: str, rule_kind: str) -> str:
+    """``auto`` -> ``logit`` for sigmoid-scored routers (DeepSeek-V3: the raw logit, as the authors ran DeepSeek-R1),
+    ``prob`` for every softmax router (whose logits are defined only up to a per-token constant); other values
+    as given."""
+    if score not in TCESS_SCORES:
+        raise ValueError(f"unknown TCESS score {score!r}")
+    if score != "auto":
+        return score
+    return "logit" if rule_kind == "sigmoid_group" else "prob"
+
+
+def selection_markers(logits: torch.Tensor, score: str, k: int, min_prob: float = 0.0,
+                      sigmoid: bool = False) -> torch.Tensor:
+    """PreMoe's per-token selection marker: router logits [T, E] -> m [T, E] float64.
+
+    m[t, e] = s[t, e] if e is one of the k largest logits of token t and (min_prob > 0) its softmax over those k
+    logits is at least min_prob, else 0; s = the raw logit (``score="logit"``) or the router's probability
+    (``"prob"``: sigmoid(logit) when ``sigmoid``, else the softmax over all E logits). Ties in the top-k go to the
+    lower expert index."""
+    z = logits.double()
+    t, e = z.shape
+    k = min(k, e)
+    top_val, top_idx = _stable_topk(z, k)
+    keep = torch.ones_like(top_val, dtype=torch.bool)
+    if min_prob > 0:
+        keep = torch.softmax(top_val, dim=-1) >= min_prob
+    if score == "logit":
+        s = z
+    elif score == "prob":
+        s = torch.sigmoid(z) if sigmoid else torch.softmax(z, dim=-1)
+    else:
+        raise ValueError(f"score must be logit or prob here, not {score!r}")
+    out = torch.zeros_like(z)
+    out.scatter_(1, top_idx, torch.where(keep, s.gather(1, top_idx), 0.0))
+    return out
+
+
+def _stable_topk(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest entries of each row, ties to the lower index (torch.topk leaves ties unspecified)."""
+    order = torch.sort(z, dim=-1, descending=True, stable=True).indices[:, :k]
+    return z.gather(1, order), order
+
+
+@register_observer
+class TaskSelectionScore(LayerObserver):
+    """PreMoe's TCESS per calibration domain (Pei et al., arXiv 2505.17639), from the router logits the layer
+    computes on each token (bias included, DeepSeek-V3's choice-only correction bias not):
+
+    - ``tcess_by_domain`` [D, E] float64: sum over the real tokens of domain d of `selection_markers`;
+    - ``tokens_by_domain`` [D] float64: the number of those tokens,
+
+    so TCESS_d = tcess_by_domain[d] / tokens_by_domain[d] and the all-domain TCESS pools every row. Options
+    ``tcess_score`` (auto | logit | prob), ``tcess_k`` (default 1) and ``tcess_min_prob`` (default 0: off). Rows
+    grow as domain ids appear (every token is domain 0 without domains)."""
+
+    provides = ("tcess_by_domain", "tokens_by_domain")
+
+    def __init__(self, layer: MoELayer, tcess_score: str = "auto", tcess_k: int = 1, tcess_min_prob: float = 0.0,
+                 **options):
+        super().__init__(layer, **options)
+        self.score = resolve_score(tcess_score, layer.rule.kind)
+        self.k, self.min_prob = int(tcess_k), float(tcess_min_prob)
+        dev = layer.router_weight.device
+        self.sums = torch.zeros(1, layer.n_experts, dtype=torch.float64, device=dev)
+        self.tokens = torch.zeros(1, dtype=torch.float64, device=dev)
+
+    def update(self, hidden, idx, weights, mask):
+        t = hidden.shape[0]
+        dom = self.token_domain if self.token_domain is not None else torch.zeros(t, dtype=torch.long,
+                                                                                 device=hidden.device)
+        n_dom = int(dom.max()) + 1 if dom.numel() else 1
+        if n_dom > self.sums.shape[0]:
+            grown = self.sums.new_zeros(n_dom, self.sums.shape[1])
+            grown[:self.sums.shape[0]] = self.sums
+            self.sums = grown
+            tokens = self.tokens.new_zeros(n_dom)
+            tokens[:self.tokens.shape[0]] = self.tokens
+            self.tokens = tokens
+        marks = selection_markers(self.layer.router_logits(hidden), self.score, self.k, self.min_prob,
+                                  sigmoid=self.layer.rule.kind == "sigmoid_group")
+        real = mask.double()
+        self.sums.index_add_(0, dom, marks * real[:, None])
+        self.tokens.index_add_(0, dom, real)
+
+    def result(self):
+        return {"tcess_by_domain": self.sums.clone(), "tokens_by_domain": self.tokens.clone()}
