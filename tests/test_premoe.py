@@ -81,8 +81,6 @@ def literal_tcess(model, x, row_domains: list[int], score="prob", k=1, min_prob=
     adapter = get_adapter(model)
     rule = adapter.rule()
     sigmoid = rule.kind == "sigmoid_group"
-    if score == "auto":
-        score = "logit" if sigmoid else "prob"
     n_dom = max(row_domains) + 1
     out = {}
     for i, h in router_inputs(model, x).items():
@@ -110,31 +108,32 @@ def runner_tcess(model, x, row_domains, **options) -> dict[int, dict]:
         if run.observer is not None:
             stats[run.index] = run.observer.results()
 
-    run_layers(model, get_adapter(model), x, on_layer=on_layer, stats=("tcess_by_domain",),
+    run_layers(model, get_adapter(model), x, on_layer=on_layer, stats=("tcess_prob_by_domain",),
                observer_options=options, domains=torch.tensor(row_domains))
     return stats
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_tcess_equals_the_formula(arch):
-    """The default marker on every architecture; the other scores, k = 2 and the min_prob filter on a softmax
+    """The default marker on every architecture; the raw logit, k = 2 and the min_prob filter on a softmax
     router, the sigmoid one and the one with a router bias."""
     model = tiny_model(arch)
     x = ids(3, 12)
     rows = [0, 1, 1]
-    variants = [dict(score="auto", k=1, min_prob=0.0)]
+    variants = [dict(score="prob", k=1, min_prob=0.0)]
     if arch in ("mixtral", "deepseek_v3", "gpt_oss"):
         variants += [dict(score="logit", k=2, min_prob=0.0), dict(score="prob", k=2, min_prob=0.4)]
     for v in variants:
         reference = literal_tcess(model, x, rows, **v)
-        stats = runner_tcess(model, x, rows, tcess_score=v["score"], tcess_k=v["k"], tcess_min_prob=v["min_prob"])
+        stats = runner_tcess(model, x, rows, tcess_k=v["k"], tcess_min_prob=v["min_prob"])
+        key = f"tcess_{v['score']}_by_domain"
         assert set(stats) == set(reference)
         for i, (sums, tokens) in reference.items():
-            torch.testing.assert_close(stats[i]["tcess_by_domain"], sums, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(stats[i][key], sums, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(stats[i]["tokens_by_domain"], tokens)
             assert tokens.tolist() == [12.0, 24.0]
         if v["min_prob"] > 0:  # the filter dropped some selections: fewer markers than tokens x k
-            marked = sum(int((stats[i]["tcess_by_domain"] != 0).sum()) for i in stats)
+            marked = sum(int((stats[i][key] != 0).sum()) for i in stats)
             assert marked > 0
 
 
@@ -144,12 +143,12 @@ def test_padding_tokens_do_not_count():
     mask = torch.ones_like(x)
     mask[1, 6:] = 0
     stats = {}
-    run_layers(model, get_adapter(model), x, mask, stats=("tcess_by_domain",), domains=torch.tensor([0, 1]),
+    run_layers(model, get_adapter(model), x, mask, stats=("tcess_prob_by_domain",), domains=torch.tensor([0, 1]),
                on_layer=lambda run: stats.setdefault(run.index, run.observer.results()) if run.observer else None)
     first = min(stats)
     assert stats[first]["tokens_by_domain"].tolist() == [12.0, 6.0]
     ref, _ = literal_tcess(model, x[1:, :6], [0])[first]  # first MoE layer: causal, unaffected by the padding
-    torch.testing.assert_close(stats[first]["tcess_by_domain"][1], ref[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats[first]["tcess_prob_by_domain"][1], ref[0], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v3"])
@@ -168,8 +167,8 @@ def test_kept_sets_are_the_top_tcess_of_each_domain(arch):
             kept += sorted(range(g * per, (g + 1) * per), key=lambda e: (-float(scores[e]), e))[:n_keep // n_group]
         return sorted(kept)
 
-    for i, (sums, tokens) in literal_tcess(model, x, rows, score="auto").items():
-        stats = {"tcess_by_domain": sums.float(), "tokens_by_domain": tokens.float()}
+    for i, (sums, tokens) in literal_tcess(model, x, rows).items():
+        stats = {"tcess_prob_by_domain": sums.float(), "tokens_by_domain": tokens.float()}
         plan = method.plan(LayerContext(adapter.layer(model, i), n_keep, stats, domain_names=["a", "b"]))
         per_domain = sums / tokens[:, None]
         overall = sums.sum(0) / tokens.sum()
@@ -243,7 +242,7 @@ def test_compress_writes_one_checkpoint_per_domain(monkeypatch, capsys, saved_mo
     original = AutoModelForCausalLM.from_pretrained(saved_models[arch], dtype=torch.float32).eval()
     first = min(kept_all)
     assert family.chooser.layer == first == index["query"]["layer"]
-    sums, tokens = literal_tcess(original, x[:1], [0], score="auto")[first]
+    sums, tokens = literal_tcess(original, x[:1], [0])[first]
     got = family.chooser.query_patterns(reduced, x[:1])[0]
     torch.testing.assert_close(got, sums[0] / tokens[0], rtol=1e-5, atol=1e-7)
     name, dist = family.chooser.choose(reduced, x[:1])[0]
@@ -391,3 +390,16 @@ def test_bench_rows_routed_oracle_all_domain(monkeypatch, capsys, saved_models, 
     for r in rows.values():
         assert float(r["params_ratio"]) < 1 and r["experts"] == "4"
     assert "## Routed checkpoints" in (out / "results.md").read_text()
+
+
+def test_bench_refuses_variants_that_need_different_statistics():
+    """One statistics pass serves every variant: the score may differ (both are collected), k may not."""
+    from moe_compress.benchmark import observer_options, parse_variants
+    from moe_compress.errors import UserError
+
+    def methods(spec):
+        return [(v, get_method(v.name, **v.params)) for v in parse_variants(spec)]
+
+    assert observer_options(methods("premoe,premoe[score=logit],reap")) == {"tcess_k": 1, "tcess_min_prob": 0.0}
+    with pytest.raises(UserError, match=r"premoe and premoe\[select_k=2\] need different statistics"):
+        observer_options(methods("premoe,premoe[select_k=2]"))

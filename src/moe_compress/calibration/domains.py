@@ -5,9 +5,9 @@ that its sum over d is ``frequency``. Each token's domain id comes from the runn
 domain of its calibration row); without domains every token is domain 0. D is the option ``n_domains`` (the
 rows grow if a larger id appears).
 
-``tcess_by_domain`` [D, E] and ``tokens_by_domain`` [D] (PreMoe): per domain, the sum over real tokens of the
-selection markers of `selection_markers` (the score of each of the token's k highest router logits, 0
-elsewhere) and the token count; see `TaskSelectionScore`.
+``tcess_logit_by_domain``, ``tcess_prob_by_domain`` [D, E] and ``tokens_by_domain`` [D] (PreMoe): per domain,
+the sum over real tokens of the selection markers of `selection_markers` (the score of each of the token's k
+highest router logits, 0 elsewhere) and the token count; see `TaskSelectionScore`.
 """
 
 from __future__ import annotations
@@ -47,20 +47,6 @@ class DomainFrequency(LayerObserver):
 
 # -- PreMoe's task-conditioned expected selection score ----------------------------------------------------------
 
-TCESS_SCORES = ("auto", "logit", "prob")
-
-
-def resolve_score(score: str, rule_kind: str) -> str:
-    """``auto`` -> ``logit`` for sigmoid-scored routers (DeepSeek-V3: the raw logit, as the authors ran DeepSeek-R1),
-    ``prob`` for every softmax router (whose logits are defined only up to a per-token constant); other values
-    as given."""
-    if score not in TCESS_SCORES:
-        raise ValueError(f"unknown TCESS score {score!r}")
-    if score != "auto":
-        return score
-    return "logit" if rule_kind == "sigmoid_group" else "prob"
-
-
 def selection_markers(logits: torch.Tensor, score: str, k: int, min_prob: float = 0.0,
                       sigmoid: bool = False) -> torch.Tensor:
     """PreMoe's per-token selection marker: router logits [T, E] -> m [T, E] float64.
@@ -98,22 +84,22 @@ class TaskSelectionScore(LayerObserver):
     """PreMoe's TCESS per calibration domain (Pei et al., arXiv 2505.17639), from the router logits the layer
     computes on each token (bias included, DeepSeek-V3's choice-only correction bias not):
 
-    - ``tcess_by_domain`` [D, E] float64: sum over the real tokens of domain d of `selection_markers`;
+    - ``tcess_logit_by_domain`` and ``tcess_prob_by_domain`` [D, E] float64: sum over the real tokens of domain d
+      of `selection_markers` with the raw logit / the router probability as the score (both from one pass, so
+      that variants of either score share the statistics);
     - ``tokens_by_domain`` [D] float64: the number of those tokens,
 
-    so TCESS_d = tcess_by_domain[d] / tokens_by_domain[d] and the all-domain TCESS pools every row. Options
-    ``tcess_score`` (auto | logit | prob), ``tcess_k`` (default 1) and ``tcess_min_prob`` (default 0: off). Rows
-    grow as domain ids appear (every token is domain 0 without domains)."""
+    so TCESS_d = tcess_*_by_domain[d] / tokens_by_domain[d] and the all-domain TCESS pools every row. Options
+    ``tcess_k`` (default 1) and ``tcess_min_prob`` (default 0: off). Rows grow as domain ids appear (every token
+    is domain 0 without domains)."""
 
-    provides = ("tcess_by_domain", "tokens_by_domain")
+    provides = ("tcess_logit_by_domain", "tcess_prob_by_domain", "tokens_by_domain")
 
-    def __init__(self, layer: MoELayer, tcess_score: str = "auto", tcess_k: int = 1, tcess_min_prob: float = 0.0,
-                 **options):
+    def __init__(self, layer: MoELayer, tcess_k: int = 1, tcess_min_prob: float = 0.0, **options):
         super().__init__(layer, **options)
-        self.score = resolve_score(tcess_score, layer.rule.kind)
         self.k, self.min_prob = int(tcess_k), float(tcess_min_prob)
         dev = layer.router_weight.device
-        self.sums = torch.zeros(1, layer.n_experts, dtype=torch.float64, device=dev)
+        self.sums = {s: torch.zeros(1, layer.n_experts, dtype=torch.float64, device=dev) for s in ("logit", "prob")}
         self.tokens = torch.zeros(1, dtype=torch.float64, device=dev)
 
     def update(self, hidden, idx, weights, mask):
@@ -121,18 +107,17 @@ class TaskSelectionScore(LayerObserver):
         dom = self.token_domain if self.token_domain is not None else torch.zeros(t, dtype=torch.long,
                                                                                  device=hidden.device)
         n_dom = int(dom.max()) + 1 if dom.numel() else 1
-        if n_dom > self.sums.shape[0]:
-            grown = self.sums.new_zeros(n_dom, self.sums.shape[1])
-            grown[:self.sums.shape[0]] = self.sums
-            self.sums = grown
-            tokens = self.tokens.new_zeros(n_dom)
-            tokens[:self.tokens.shape[0]] = self.tokens
-            self.tokens = tokens
-        marks = selection_markers(self.layer.router_logits(hidden), self.score, self.k, self.min_prob,
-                                  sigmoid=self.layer.rule.kind == "sigmoid_group")
+        if n_dom > self.tokens.shape[0]:
+            for s, old in self.sums.items():
+                self.sums[s] = torch.cat([old, old.new_zeros(n_dom - old.shape[0], old.shape[1])])
+            self.tokens = torch.cat([self.tokens, self.tokens.new_zeros(n_dom - self.tokens.shape[0])])
+        logits = self.layer.router_logits(hidden)
         real = mask.double()
-        self.sums.index_add_(0, dom, marks * real[:, None])
+        for s in ("logit", "prob"):
+            marks = selection_markers(logits, s, self.k, self.min_prob, sigmoid=self.layer.rule.kind == "sigmoid_group")
+            self.sums[s].index_add_(0, dom, marks * real[:, None])
         self.tokens.index_add_(0, dom, real)
 
     def result(self):
-        return {"tcess_by_domain": self.sums.clone(), "tokens_by_domain": self.tokens.clone()}
+        return {"tcess_logit_by_domain": self.sums["logit"].clone(), "tcess_prob_by_domain": self.sums["prob"].clone(),
+                "tokens_by_domain": self.tokens.clone()}

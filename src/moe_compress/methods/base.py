@@ -36,7 +36,7 @@ class LayerContext:
     input_domains: the calibration domain id of each of those tokens [T] int64, when the calibration rows had
     domains (else None);
     domain_names: the calibration domains' names in id order (the ids of ``input_domains`` and of per-domain
-    statistics such as ``tcess_by_domain``), or None without domains.
+    statistics such as ``tokens_by_domain``), or None without domains.
     """
 
     layer: MoELayer

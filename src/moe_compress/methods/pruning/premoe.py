@@ -8,10 +8,11 @@ Probabilistic expert pruning (PEP) ranks experts by the task-conditioned expecte
     m_t(e) = s_t(e) if e is among the k largest router logits of token t (and, if min_prob > 0, its softmax over
              those k logits is >= min_prob), else 0,
 
-over the calibration tokens T_d of domain d (statistic ``tcess_by_domain`` / ``tokens_by_domain``, per MoE
-layer); s is the raw router logit (``score=logit``, the authors' code) or the router's probability (``prob``:
-softmax over all experts, sigmoid for DeepSeek-V3); ``auto`` (default) takes the logit for sigmoid routers and the
-probability for softmax routers, whose logits are defined only up to a per-token constant. Domain d keeps the
+over the calibration tokens T_d of domain d (statistics ``tcess_logit_by_domain`` or ``tcess_prob_by_domain``,
+and ``tokens_by_domain``, per MoE layer); s is the raw router logit (``score=logit``, the authors' code) or the
+router's probability (``prob``, default: softmax over all experts, sigmoid for DeepSeek-V3; a softmax router's
+logits are defined only up to a per-token constant, and prob measured better on both testbeds, see
+docs/methods.md). Domain d keeps the
 top-N experts of TCESS_d in every layer (N = the budget, the same for every domain); the all-domain set (TCESS
 over every calibration token) is the main checkpoint, the "one all-domain checkpoint of the same size".
 
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from moe_compress.calibration.domains import resolve_score, selection_markers
+from moe_compress.calibration.domains import selection_markers
 from moe_compress.errors import UserError
 from moe_compress.methods.base import Companions, LayerContext, LayerPlan, Method, register
 from moe_compress.methods.pruning.base import PruneParams, check_target, choose_kept, protected_experts, rounded
@@ -50,7 +51,7 @@ class TaskPatterns(Companions):
     router of that layer (``tensors["router.weight"]`` [E, H], ``"router.bias"`` [E] where the router has one)."""
 
     layer: int = 0                      # the decoder layer of the first MoE block
-    score: str = "prob"                 # resolved: logit | prob
+    score: str = "prob"                 # logit | prob
     select_k: int = 1
     min_prob: float = 0.0
     sigmoid: bool = False               # prob = sigmoid(logit) (DeepSeek-V3) instead of a softmax
@@ -126,12 +127,12 @@ class PreMoe(Method):
     summary = ("one pruned checkpoint per calibration domain, keeping that domain's experts with the highest "
                "task-conditioned expected selection score from the router logits (PreMoe); OUT holds the "
                "all-domain one, `moe-compress route` picks a domain checkpoint for a prompt")
-    needs = frozenset({"tcess_by_domain", "tokens_by_domain", "max_activation"})
+    needs = frozenset({"tcess_logit_by_domain", "tcess_prob_by_domain", "tokens_by_domain", "max_activation"})
     writes_companions = True
     min_domains = 2
 
     class Params(PruneParams):
-        score: Literal["auto", "logit", "prob"] = "auto"  # s in the marker; auto: logit for sigmoid routers
+        score: Literal["prob", "logit"] = "prob"  # s in the marker; logit = the authors' code
         select_k: int = Field(1, ge=1)        # the k largest router logits of a token count (authors' code: 1)
         min_prob: float = Field(0.0, ge=0.0, le=1.0)  # also require softmax over those k >= this (0: off)
         route_tokens: int = Field(32, ge=1)   # bench: the first tokens of each window from which it is routed
@@ -144,7 +145,7 @@ class PreMoe(Method):
 
     def observer_options(self) -> dict:
         p = self.params
-        return {"tcess_score": p.score, "tcess_k": p.select_k, "tcess_min_prob": p.min_prob}
+        return {"tcess_k": p.select_k, "tcess_min_prob": p.min_prob}
 
     def plan(self, ctx: LayerContext) -> LayerPlan:
         check_target(ctx)
@@ -153,7 +154,8 @@ class PreMoe(Method):
             raise UserError("method premoe writes one checkpoint per calibration domain and needs calibration "
                             f"data with at least {self.min_domains} domains (a jsonl 'domain' field, or a folder "
                             "with one file per domain, e.g. builtin:demo)")
-        sums = ctx.stats["tcess_by_domain"].double().cpu()
+        score = self.params.score
+        sums = ctx.stats[f"tcess_{score}_by_domain"].double().cpu()
         tokens = ctx.stats["tokens_by_domain"].double().cpu()
         d = len(names)
         sums = torch.cat([sums, sums.new_zeros(max(0, d - sums.shape[0]), sums.shape[1])])[:d]
@@ -166,7 +168,7 @@ class PreMoe(Method):
         domains = {name: {"tokens": int(tokens[i]), "kept": choose_kept(per_domain[i], ctx.n_experts, n_group, supers),
                           "tcess": rounded(per_domain[i])} for i, name in enumerate(names)}
         info = {"kept": kept, "scores": rounded(overall), "super_experts": supers, "tokens": int(tokens.sum()),
-                "score": resolve_score(self.params.score, ctx.layer.rule.kind), "domains": domains}
+                "score": score, "domains": domains}
         return LayerPlan(keep_set(ctx.layer, kept), info)
 
     @classmethod
@@ -177,7 +179,7 @@ class PreMoe(Method):
         first = min(infos)
         layer = adapter.layer(original, first)
         names = list(infos[first]["domains"])
-        score = resolve_score(self.params.score, layer.rule.kind)
+        score = self.params.score
         sigmoid = layer.rule.kind == "sigmoid_group"
         p = self.params
 
