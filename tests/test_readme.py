@@ -45,6 +45,8 @@ SLOW = [
     r"^make demo\b",
     r"demo-out/",
     r"compress --recipe recipes/testbed-reap\.yaml --set output=",
+    r"compress --recipe recipes/testbed-premoe\.yaml",
+    r"\broute /tmp/premoe4\b",
     r"\beval /tmp/reap4\b",
     r"\bbench\b",
     r"\banalyze\b",

@@ -27,7 +27,7 @@ from moe_compress.methods.base import Method, get_method, parse_method_spec, spl
 from moe_compress.models.loading import load_config, load_model, load_tokenizer
 from moe_compress.models.registry import get_adapter
 from moe_compress.models.surgery import check_expert_count
-from moe_compress.pipeline import MethodApplier, pick_device
+from moe_compress.pipeline import MethodApplier, check_domains, pick_device
 from moe_compress.recipe import Calibration
 
 Progress = Callable[[str, int, int], None]
@@ -98,12 +98,29 @@ def check_bench(spec: BenchSpec) -> list[tuple[Variant, Method]]:
     """Validate methods and budgets from the config alone (before any weights are read); the methods."""
     methods = [(v, get_method(v.name, **v.params)) for v in spec.variants]
     adapter = get_adapter(load_config(spec.model))
+    for _, m in methods:
+        m.check_model(adapter)
+    observer_options(methods)
     n_orig = adapter.n_experts()
     for n in spec.budgets:
         if n >= n_orig:
             raise UserError(f"{spec.model}: budget {n} must be smaller than the model's {n_orig} experts per layer")
         check_expert_count(adapter, n)
     return methods
+
+
+def observer_options(methods: list[tuple[Variant, Method]]) -> dict:
+    """The observer options of every method, merged: one statistics pass serves them all, so two methods that
+    set the same option to different values cannot share it (a `UserError`: bench them in separate runs)."""
+    options: dict = {}
+    owner: dict[str, str] = {}
+    for v, m in methods:
+        for key, value in m.observer_options().items():
+            if key in options and options[key] != value:
+                raise UserError(f"{owner[key]} and {v.label} need different statistics ({key}={options[key]} vs "
+                                f"{value}) and bench computes them in one pass: run them in separate bench runs")
+            options[key], owner[key] = value, v.label
+    return options
 
 
 def run_bench(spec: BenchSpec, out: str | Path, overwrite: bool = False,
@@ -156,9 +173,7 @@ def _run_into(spec: BenchSpec, methods: list[tuple[Variant, Method]], folder: Pa
 
     # one statistics pass for every method (the union of what they need, MoE inputs if any method wants them)
     needs = sorted(set().union(*(m.needs for _, m in methods)))
-    options: dict = {}
-    for _, m in methods:
-        options.update(m.observer_options())
+    options = observer_options(methods)
     keep_inputs = any(m.needs_inputs for _, m in methods)
     layer_stats: dict[int, dict[str, torch.Tensor]] = {}
     layer_inputs: dict[int, torch.Tensor] = {}
@@ -172,7 +187,9 @@ def _run_into(spec: BenchSpec, methods: list[tuple[Variant, Method]], folder: Pa
         return False
 
     t0 = time.perf_counter()
-    domains, _ = calibration_domains(calib)
+    domains, domain_names = calibration_domains(calib)
+    for _, m in methods:
+        check_domains(m, calib)
     run_layers(original, adapter, calib.input_ids, calib.attention_mask, on_layer=on_layer, device=device,
                batch_size=c.batch_size, keep_moe_inputs=keep_inputs, stats=tuple(needs), observer_options=options,
                progress=progress, domains=domains)
@@ -181,12 +198,12 @@ def _run_into(spec: BenchSpec, methods: list[tuple[Variant, Method]], folder: Pa
     params_orig = parameter_counts(original)
 
     rows: list[dict] = []
-    total = len(methods) * len(spec.budgets)
+    total, done = len(methods) * len(spec.budgets), 0
     best: dict | None = None  # spec.save_best: the lowest-KL compressed model at the smallest budget so far
     for n_new in spec.budgets:
         for variant, method in methods:
             model = copy.deepcopy(original).to("cpu")
-            applier = MethodApplier(method, get_adapter(model), model, n_new, spec.seed)
+            applier = MethodApplier(method, get_adapter(model), model, n_new, spec.seed, domain_names)
             for i in applier.blocks:
                 applier.apply(i, layer_stats.get(i), layer_inputs.get(i), layer_domains.get(i))
             applier.finish()
@@ -199,9 +216,14 @@ def _run_into(spec: BenchSpec, methods: list[tuple[Variant, Method]], folder: Pa
             t2 = time.perf_counter()
             res = evaluate_lm(model, windows, reference=original, batch_size=spec.eval_batch_size).to_dict()
             eval_s = time.perf_counter() - t2
-            rows.append(_row(variant, method, n_orig, n_new, res, parameter_counts(model), params_orig,
-                             {"statistics": stats_s, **applier.timings, **refine_s, "export": export_s,
-                              "eval": eval_s}, applier.infos))
+            times = {"statistics": stats_s, **applier.timings, **refine_s, "export": export_s, "eval": eval_s}
+            if method.writes_companions:  # premoe: the routed, oracle and all-domain rows (not a save_best candidate)
+                companions = method.companions(applier.infos, original, adapter)
+                rows += _companion_rows(spec, variant, method, companions, model, original, adapter, windows,
+                                        res, n_orig, n_new, parameter_counts(model), params_orig, times, folder)
+            else:
+                rows.append(_row(variant, method, n_orig, n_new, res, parameter_counts(model), params_orig, times,
+                                 applier.infos))
             with open(folder / "rows.partial.jsonl", "a") as fh:  # survives an interrupted run
                 fh.write(json.dumps(rows[-1]) + "\n")
             twin = copy.deepcopy(original)
@@ -210,19 +232,22 @@ def _run_into(spec: BenchSpec, methods: list[tuple[Variant, Method]], folder: Pa
             if paper is not None:  # the paper's model that a standard checkpoint cannot hold (MoNE's novices)
                 paper_model, paper_params = paper
                 t2 = time.perf_counter()
-                res = evaluate_lm(paper_model, windows, reference=original, batch_size=spec.eval_batch_size).to_dict()
+                res_mem = evaluate_lm(paper_model, windows, reference=original,
+                                      batch_size=spec.eval_batch_size).to_dict()
                 label = Variant(f"{variant.label} (in memory)", variant.name, variant.params)
-                rows.append(_row(label, method, n_orig, n_new, res, {"params": paper_params}, params_orig,
+                rows.append(_row(label, method, n_orig, n_new, res_mem, {"params": paper_params}, params_orig,
                                  {"eval": time.perf_counter() - t2}))
                 del paper_model
-            if spec.save_best and n_new == min(spec.budgets) and (best is None or res["kld"] < best["kld"]):
+            if spec.save_best and not method.writes_companions and n_new == min(spec.budgets) and (
+                    best is None or res["kld"] < best["kld"]):
                 best = {"kld": res["kld"], "model": model.to("cpu"), "variant": variant, "method": method,
                         "n_new": n_new,
                         "infos": applier.infos, "refined": refined, "original_params": params_orig["params"],
                         "timings": {"statistics": stats_s, **applier.timings, **refine_s}}
             del model
+            done += 1
             if progress:
-                progress("methods", len(rows), total)
+                progress("methods", done, total)
     meta = {"model": spec.model, "calibration": json.loads(c.model_dump_json()), "calibration_sha256": calib.sha256,
             "eval_data": spec.eval_data, "eval_seq_len": spec.eval_seq_len, "max_windows": spec.max_windows,
             "eval_tokens": {d: int(w.shape[0] * (w.shape[1] - 1)) for d, w in windows.items()},
@@ -235,6 +260,60 @@ def _run_into(spec: BenchSpec, methods: list[tuple[Variant, Method]], folder: Pa
         _export_best(spec, best, calib, tokenizer, n_orig, folder / spec.save_best)
     write_results(folder, rows, meta)
     (folder / "rows.partial.jsonl").unlink(missing_ok=True)
+    return rows
+
+
+def _companion_rows(spec: BenchSpec, variant: Variant, method: Method, companions, model, original, adapter,
+                    windows: dict[str, torch.Tensor], res_main: dict, n_orig: int, n_new: int, params: dict,
+                    params_orig: dict, times: dict, folder: Path) -> list[dict]:
+    """The rows of a method with companions (premoe): ``LABEL`` scores each evaluation window on the companion
+    `Companions.choose` picks from the window's first ``route_tokens`` tokens (read by the main checkpoint);
+    ``LABEL:oracle`` scores every window on the companion named like its domain (when every evaluation domain
+    has one); ``LABEL:all-domain`` is the main checkpoint (the same size). ``route_accuracy`` = share of windows
+    routed to their own domain's companion (None when no domain matches a companion)."""
+    from moe_compress.evaluation.metrics import evaluate_assigned
+    from moe_compress.models.surgery import pruned_copy
+
+    prefix = max(1, int(getattr(method.params, "route_tokens", 32)))
+    t0 = time.perf_counter()
+    routed = {}
+    for d, w in windows.items():
+        routed[d] = []
+        for s in range(0, w.shape[0], spec.eval_batch_size):
+            routed[d] += [name for name, _ in companions.choose(model, w[s:s + spec.eval_batch_size, :prefix])]
+    route_s = time.perf_counter() - t0
+    names = list(companions.kept)
+    matched = [d for d in windows if d in companions.kept]
+    assignments = {"routed": routed}
+    if len(matched) == len(windows):
+        assignments["oracle"] = {d: [d] * w.shape[0] for d, w in windows.items()}
+    saved = folder / "checkpoints" / f"{_slug(variant.label)}-{n_new}e" / companions.folder
+
+    def load(name: str):
+        m = pruned_copy(adapter, original, companions.kept[name])
+        if spec.save_models:
+            save_model(m, saved / _slug(name))
+        return m
+
+    t0 = time.perf_counter()
+    results = {a: r.to_dict() for a, r in evaluate_assigned(windows, assignments, load, reference=original,
+                                                            batch_size=spec.eval_batch_size).items()}
+    eval_s = time.perf_counter() - t0
+    hits = [r == d for d in matched for r in routed[d]]
+    accuracy = sum(hits) / len(hits) if hits else None
+    base = {**times, "route": route_s, "eval_companions": eval_s}
+    rows = [_row(variant, method, n_orig, n_new, results["routed"], params, params_orig, base)]
+    rows[0].update({"route_accuracy": None if accuracy is None else round(accuracy, 4), "route_tokens": prefix,
+                    "checkpoints": 1 + len(names)})
+    for d in matched:
+        rows[0][f"{d}.route_accuracy"] = round(sum(r == d for r in routed[d]) / len(routed[d]), 4)
+    rows[0]["routed_to"] = json.dumps({d: dict(sorted({n: routed[d].count(n) for n in set(routed[d])}.items()))
+                                       for d in windows})
+    if "oracle" in results:
+        rows.append(_row(Variant(f"{variant.label}:oracle", variant.name, variant.params), method, n_orig, n_new,
+                         results["oracle"], params, params_orig, {**times, "eval_companions": eval_s}))
+    rows.append(_row(Variant(f"{variant.label}:all-domain", variant.name, variant.params), method, n_orig, n_new,
+                     res_main, params, params_orig, times))
     return rows
 
 

@@ -207,7 +207,21 @@ def compress(
         result = run_compress(r, progress=progress)
     e = result.manifest["experts"]
     out_console.print(f"wrote {r.output}: {r.method}, {e['original']} -> {e['kept']} experts per layer, "
-                      f"{size_line(result.manifest)} ({sum(result.timings.values()):.1f} s)")
+                      f"{size_line(result.manifest)}{companions_line(result.manifest, r.output)} "
+                      f"({sum(result.timings.values()):.1f} s)")
+
+
+def companions_line(manifest: dict, out: str) -> str:
+    """'; plus 6 domain checkpoints of the same size in OUT/domains/ (...): 7 checkpoints, 120.96 MiB in all; ...'
+    (empty without companions)."""
+    from moe_compress.sizes import fmt_bytes
+
+    c = manifest.get("companions")
+    if not c:
+        return ""
+    return (f"; plus {c['count'] - 1} domain checkpoints of the same size in {Path(out) / c['folder']}/ "
+            f"({', '.join(c['checkpoints'])}): {c['count']} checkpoints, {fmt_bytes(c['bytes']['total'])} in all; "
+            f"`moe-compress route` picks one for a prompt")
 
 
 def size_line(manifest: dict) -> str:
@@ -247,6 +261,44 @@ def _compress_streaming(r, max_gpu_memory: str | None, quiet: bool) -> None:
                           f"{size_line(res.manifest)}, streamed on {res.world} process(es), calibration batch "
                           f"{res.memory.batch_size} "
                           f"({sum(res.timings.values()):.1f} s)")
+
+
+@app.command()
+def route(
+    out: Path = typer.Argument(..., help="the output folder of `compress --method premoe`"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="the prompt text"),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="a UTF-8 text file: its whole text is "
+                                               "the prompt"),
+    json_out: bool = typer.Option(False, "--json", help="print the choice and every distance as JSON"),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda[:N] | auto"),
+) -> None:
+    """Pick the domain checkpoint for a prompt: its routing pattern at the first MoE layer (computed by the
+    checkpoint at OUT) against each domain's stored pattern; prints the nearest one's path and the distances."""
+    import json
+
+    from moe_compress.pipeline import pick_device
+    from moe_compress.route import load_family, route_prompt
+
+    if (prompt is None) == (prompt_file is None):
+        raise UserError("give the prompt once: --prompt TEXT or --prompt-file FILE")
+    load_family(out)  # a folder that is not a premoe output is refused before the prompt is read
+    if prompt_file is not None:
+        if not prompt_file.is_file():
+            raise UserError(f"--prompt-file {prompt_file}: no such file")
+        try:
+            prompt = prompt_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"--prompt-file {prompt_file} is not UTF-8 text") from None
+    result = route_prompt(out, prompt, device=pick_device(device))
+    if json_out:
+        out_console.print_json(json.dumps(result))
+        return
+    out_console.print(result["checkpoint"], markup=False, highlight=False)
+    dist = ", ".join(f"{name} {d:.4g}" for name, d in result["distances"].items())
+    used = result["tokens"] if result["tokens"] == result["prompt_tokens"] else \
+        f"its first {result['tokens']} of {result['prompt_tokens']}"
+    out_console.print(f"domain {result['domain']}: L2 distance of the prompt's pattern ({used} tokens, MoE layer "
+                      f"{result['layer']}) to each domain's: {dist}", markup=False, highlight=False)
 
 
 @app.command()

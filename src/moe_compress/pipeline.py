@@ -42,6 +42,7 @@ class CompressResult:
     manifest: dict
     stats: Statistics
     timings: dict[str, float] = field(default_factory=dict)
+    companions: object = None  # `Method.companions` for a method that writes them (premoe: the domain patterns)
 
 
 def pick_device(name: str) -> str:
@@ -57,12 +58,19 @@ def pick_dtype(name: str) -> torch.dtype | str:
 
 
 def validate_budget(recipe: Recipe, adapter, method: Method | None = None) -> int:
-    """The target expert count; a `UserError` if it is not a strict reduction or not a valid count.
+    """The target expert count; a `UserError` if it is not a strict reduction or not a valid count, or if the
+    method's parameters or mode do not fit the model (`Method.check_model`, companions need --mode oneshot).
 
     For a method that keeps every expert (``keeps_experts``) the count is a parameter budget (the routed
     experts' parameters of that many experts), so the routing constraints on counts do not apply."""
     n_orig = adapter.n_experts()
     n_new = recipe.target_experts(n_orig)
+    if method is not None:
+        method.check_model(adapter)
+        if method.writes_companions and recipe.mode == "sequential":
+            raise UserError(f"method {method.name} scores every domain on the original model (--mode oneshot); in "
+                            "sequential mode later layers would be scored on the all-domain checkpoint, not on "
+                            "each domain's own: drop --mode sequential")
     if n_new >= n_orig:
         raise UserError(f"--experts {n_new} must be smaller than the model's {n_orig} experts per layer")
     if method is None or not method.keeps_experts:
@@ -84,6 +92,19 @@ def require_calibration(recipe: Recipe, method: Method) -> None:
         check_spec(recipe.calibration.data)
 
 
+def check_domains(method: Method, calib) -> list[str]:
+    """The calibration domains' names; a `UserError` when the method needs more domains than the data has."""
+    from moe_compress.calibration.collect import calibration_domains
+
+    names = calibration_domains(calib)[1] if calib is not None else []
+    if len(names) < method.min_domains:
+        found = f"{len(names)} ({', '.join(names)})" if names else "none"
+        raise UserError(f"method {method.name} needs calibration data with at least {method.min_domains} domains "
+                        f"(a jsonl 'domain' field, or a folder with one file per domain, e.g. builtin:demo); "
+                        f"{getattr(calib, 'spec', 'the calibration data')} has {found}")
+    return names
+
+
 def calibration_set(recipe: Recipe, tokenizer):
     from moe_compress.calibration.data import build_calibration
 
@@ -98,8 +119,9 @@ class MethodApplier:
     ``infos`` collects each layer's plan record (with ``sources``); ``timings`` the planning and surgery time.
     """
 
-    def __init__(self, method: Method, adapter, model, n_new: int, seed: int):
+    def __init__(self, method: Method, adapter, model, n_new: int, seed: int, domain_names: list[str] | None = None):
         self.method, self.adapter, self.model, self.n_new = method, adapter, model, n_new
+        self.domain_names = domain_names or None
         self.blocks = adapter.moe_blocks(model)
         self.generator = torch.Generator().manual_seed(seed)
         self.infos: dict[int, dict] = {}
@@ -114,7 +136,7 @@ class MethodApplier:
         result."""
         block = self.blocks[index]
         ctx = LayerContext(self.adapter.layer(self.model, index, block), self.n_new, stats or {}, inputs,
-                           self.generator, input_domains)
+                           self.generator, input_domains, self.domain_names)
         t0 = time.perf_counter()
         plan = self.method.plan(ctx)
         t1 = time.perf_counter()
@@ -151,7 +173,10 @@ def plan_and_apply(method: Method, adapter, model, n_new: int, *, calib=None, re
                    device: str, progress: Progress | None = None) -> tuple[dict[int, dict], Statistics, dict]:
     """Run the method on every MoE layer (through the calibration runner when it needs data) and write the
     new experts into ``model``. Returns (per-layer info, statistics, timings)."""
-    applier = MethodApplier(method, adapter, model, n_new, recipe.seed)
+    from moe_compress.calibration.collect import calibration_domains
+
+    domains, names = calibration_domains(calib) if calib is not None else (None, [])
+    applier = MethodApplier(method, adapter, model, n_new, recipe.seed, names)
     stats = Statistics()
     if calib is None:
         for i in applier.blocks:
@@ -160,8 +185,6 @@ def plan_and_apply(method: Method, adapter, model, n_new: int, *, calib=None, re
                 progress("layers", len(applier.infos), len(applier.blocks))
         timings = {"statistics": 0.0}
     else:
-        from moe_compress.calibration.collect import calibration_domains
-
         t_start = time.perf_counter()
 
         def on_layer(run: LayerRun) -> bool:
@@ -171,7 +194,6 @@ def plan_and_apply(method: Method, adapter, model, n_new: int, *, calib=None, re
             applier.apply(run.index, stats.layers[run.index], run.moe_inputs, run.moe_domains)
             return True
 
-        domains, _ = calibration_domains(calib)
         run_layers(model, adapter, calib.input_ids, calib.attention_mask, on_layer=on_layer, mode=recipe.mode,
                    device=device, batch_size=recipe.calibration.batch_size, keep_moe_inputs=method.needs_inputs,
                    stats=tuple(method.needs), observer_options=method.observer_options(), progress=progress,
@@ -191,10 +213,11 @@ def compress(recipe: Recipe, progress: Progress | None = None, write: bool = Tru
     device = pick_device(recipe.device)
     config = load_config(recipe.model, recipe.trust_remote_code)
     n_new = validate_budget(recipe, get_adapter(config), method)
-    if write:  # room for the result, before the weights are loaded
-        from moe_compress.sizes import estimated_output_bytes
+    from moe_compress.sizes import estimated_output_bytes
 
-        check_output_dir(recipe.output, recipe.overwrite, estimated_output_bytes(recipe, config, n_new))
+    estimate = estimated_output_bytes(recipe, config, n_new)
+    if write:  # room for the result, before the weights are loaded
+        check_output_dir(recipe.output, recipe.overwrite, estimate)
     model = load_model(recipe.model, dtype=pick_dtype(recipe.dtype), device="cpu",
                        trust_remote_code=recipe.trust_remote_code)
     tokenizer = load_tokenizer(recipe.model, trust_remote_code=recipe.trust_remote_code)
@@ -202,7 +225,11 @@ def compress(recipe: Recipe, progress: Progress | None = None, write: bool = Tru
     n_orig, width_orig = adapter.n_experts(), adapter.expert_width()
     original_params = sum(p.numel() for p in model.parameters())
     calib = calibration_set(recipe, tokenizer) if method.needs_data else None
-    teacher = copy.deepcopy(model) if method.needs_teacher else None  # the original, for `Method.refine`
+    names = check_domains(method, calib)
+    if write and method.writes_companions and estimate:  # the main checkpoint and one per domain, all the same size
+        check_output_dir(recipe.output, recipe.overwrite, estimate * (1 + len(names)))
+    # the original, for `Method.refine` or to cut the companions from
+    teacher = copy.deepcopy(model) if method.needs_teacher or method.writes_companions else None
     timings = {"load": time.perf_counter() - t0}
     infos, stats, stage_times = plan_and_apply(method, adapter, model, n_new, calib=calib, recipe=recipe,
                                                device=device, progress=progress)
@@ -211,7 +238,12 @@ def compress(recipe: Recipe, progress: Progress | None = None, write: bool = Tru
     refined = method.refine(model, teacher, adapter, calib, device=device, seed=recipe.seed, progress=progress)
     if refined is not None:
         timings["refine"] = time.perf_counter() - t1
-    teacher = None
+    companions = None
+    if method.writes_companions:
+        teacher.to("cpu")
+        companions = method.companions(infos, teacher, get_adapter(teacher))
+    else:
+        teacher = None
     model.to("cpu")
     manifest = build_manifest(recipe, method, n_orig, adapter.n_experts(), infos, calib, timings, refined)
     if method.keeps_experts:  # the budget was a share of the experts' parameters: say what was narrowed
@@ -221,12 +253,81 @@ def compress(recipe: Recipe, progress: Progress | None = None, write: bool = Tru
         t1 = time.perf_counter()
         source = resolve_model(recipe.model)
         policy = resolve_policy(recipe.save_dtype, source, model.config, type(model))
+        write_more = None
+        if companions is not None:
+            def write_more(folder, main_manifest):
+                return write_companions(folder, companions, teacher, main_manifest, recipe=recipe, method=method,
+                                        n_orig=n_orig, calib=calib, policy=policy, source=source,
+                                        tokenizer=tokenizer, original_params=original_params)
         export_checkpoint(model, recipe.output, manifest=manifest, adapter=adapter, policy=policy,
                           original_params=original_params, source_bytes=source_size(source),
                           tokenizer_source=source, tokenizer=tokenizer, model_card=model_card,
-                          overwrite=recipe.overwrite)
+                          overwrite=recipe.overwrite, companions=write_more)
         timings["export"] = time.perf_counter() - t1
-    return CompressResult(model, tokenizer, manifest, stats, timings)
+    return CompressResult(model, tokenizer, manifest, stats, timings, companions)
+
+
+def folder_names(names) -> dict[str, str]:
+    """{name: a folder name for it}: letters, digits, ``.``, ``_`` and ``-`` kept, anything else ``_``; made unique
+    with a numeric suffix (``code``, ``code_2``)."""
+    import re
+
+    out, used = {}, set()
+    for name in names:
+        base = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("._") or "domain"
+        slug, n = base, 2
+        while slug.lower() in used:
+            slug, n = f"{base}_{n}", n + 1
+        used.add(slug.lower())
+        out[name] = slug
+    return out
+
+
+def write_companions(folder, companions, original, main_manifest: dict, *, recipe: Recipe, method: Method,
+                     n_orig: int, calib, policy, source, tokenizer, original_params: int) -> dict:
+    """Write each companion checkpoint (the original pruned to its kept experts) into ``folder/<companions.folder>/
+    <name>/`` as a complete standard checkpoint, the companions' index as ``folder/<method>.json`` and its
+    tensors; returns what the main compression.json records under ``companions`` (paths, bytes, totals)."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from moe_compress.export.card import model_card
+    from moe_compress.export.dtypes import written_bytes
+    from moe_compress.export.writer import write_checkpoint, write_json
+    from moe_compress.models.surgery import pruned_copy
+
+    folder = Path(folder)
+    root = folder / companions.folder
+    root.mkdir()
+    adapter = get_adapter(original)
+    paths, sizes = {}, {}
+    for name, slug in folder_names(companions.kept).items():
+        kept = companions.kept[name]
+        model = pruned_copy(adapter, original, kept)
+        infos = {i: {"kept": k, "sources": [[e, 1.0] for e in k]} for i, k in sorted(kept.items())}
+        manifest = build_manifest(recipe, method, n_orig, get_adapter(model).n_experts(), infos, calib,
+                                  main_manifest.get("timings_s", {}))
+        manifest["companion"] = {"name": name, "of": "..", "folder": f"{companions.folder}/{slug}",
+                                 "index": f"../../{method.name}.json"}
+        (root / slug).mkdir()
+        write_checkpoint(model, root / slug, manifest=manifest, adapter=get_adapter(model), policy=policy,
+                         original_params=original_params, source_bytes=main_manifest["export"]["bytes"]["source"],
+                         tokenizer_source=source, tokenizer=tokenizer, model_card=model_card)
+        del model
+        paths[name] = f"{companions.folder}/{slug}"
+        sizes[name] = written_bytes(root / slug)
+    if companions.tensors:
+        save_file({k: v.contiguous() for k, v in companions.tensors.items()}, str(root / companions.tensors_file))
+    write_json(folder / f"{method.name}.json", {**companions.index, "checkpoints": {"all domains": ".", **paths}})
+    extra = (root / companions.tensors_file).stat().st_size if companions.tensors else 0
+    main = main_manifest["export"]["bytes"]["written"]
+    return {"folder": companions.folder, "index": f"{method.name}.json",
+            "tensors": f"{companions.folder}/{companions.tensors_file}" if companions.tensors else None,
+            "count": 1 + len(paths),
+            "checkpoints": {name: {"path": paths[name], "bytes": sizes[name]} for name in paths},
+            "bytes": {"main": main, "companions": sum(sizes.values()), "index_tensors": extra,
+                      "total": main + sum(sizes.values()) + extra}}
 
 
 def source_size(source: str) -> int | None:

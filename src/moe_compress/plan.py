@@ -35,6 +35,16 @@ def _ranges(ids: list[int]) -> str:
 GPU_FLOPS, CPU_FLOPS = 200e12, 0.2e12
 
 
+def calibration_domain_count(spec: str | None) -> int | None:
+    """The number of domains of a calibration SPEC, read from local or bundled data (None for hub data, which
+    would have to be downloaded to tell)."""
+    if not spec or "hf:" in spec:
+        return None
+    from moe_compress.calibration.data import read_documents
+
+    return len({d.domain for d in read_documents(spec) if d.text.strip()})
+
+
 def describe_plan(recipe: Recipe) -> str:
     """A few lines: layers, experts kept or merged, parameters and weight memory before/after, peak memory,
     calibration size and a rough time estimate (from the config alone; nothing is loaded or written)."""
@@ -56,7 +66,11 @@ def describe_plan(recipe: Recipe) -> str:
         check_spec(c.data)
     from moe_compress.export.writer import check_output_dir
 
-    check_output_dir(recipe.output, recipe.overwrite, estimated_output_bytes(recipe, config, n_new))
+    n_domains = calibration_domain_count(c.data) if cls.writes_companions else None
+    estimate = estimated_output_bytes(recipe, config, n_new)
+    if estimate and n_domains:
+        estimate *= 1 + n_domains
+    check_output_dir(recipe.output, recipe.overwrite, estimate)
     total, per_expert, moe_layers = count_parameters(config)
     after = total - per_expert * (n_orig - n_new) * len(moe_layers)
     top_k = adapter.rule().top_k
@@ -97,6 +111,12 @@ def describe_plan(recipe: Recipe) -> str:
     layer_bytes = fmt_bytes(per_expert * n_orig * bytes_per)
     lines.append(f"  memory      device: about one decoder layer ({layer_bytes} of routed experts) plus the "
                  f"activations of one batch; CPU: the whole model ({fmt_bytes(total * bytes_per)})")
+    if cls.writes_companions:
+        count = f"{1 + n_domains} checkpoints" if n_domains else "1 + (calibration domains) checkpoints"
+        lines.append(f"  companions  one checkpoint of that size per calibration domain in {recipe.output}/domains/ "
+                     f"beside the all-domain one at {recipe.output}: {count}"
+                     f"{f', {fmt_bytes((1 + n_domains) * after * saved_bytes)} in all' if n_domains else ''}; the "
+                     f"original ({fmt_bytes(total * bytes_per)}) stays in CPU memory while they are cut from it")
     if method.needs_teacher:  # `Method.refine`: the original beside the compressed model, trained in fp32
         lines.append(f"  then        distillation: the device holds the original ({fmt_bytes(total * bytes_per)}) "
                      f"and the compressed model in fp32 ({fmt_bytes(after * 4)}), plus gradients and Adam state "

@@ -341,6 +341,9 @@ def _run(recipe, ctx: DistContext, max_gpu_memory, progress, log, offload) -> St
     if method.needs_teacher:
         raise UserError(f"method {method.name}: the distillation stage needs the whole model in memory; "
                         "run without --stream/--max-gpu-memory/torchrun, or set distill_steps=0")
+    if method.writes_companions:
+        raise UserError(f"method {method.name} writes one checkpoint per calibration domain beside the main one, "
+                        "which the streaming writer does not support; run without --stream/--max-gpu-memory/torchrun")
     if method.keeps_experts:
         raise UserError(f"method {method.name} narrows every expert (a new intermediate size), which the streaming "
                         "writer does not support yet; run without --stream/--max-gpu-memory/torchrun")

@@ -214,6 +214,84 @@ def evaluate_lm(
                       domains={d: s.metrics(with_ref) for d, s in per_domain.items()})
 
 
+def evaluate_assigned(
+    windows: Mapping[str, torch.Tensor],
+    assignments: Mapping[str, Mapping[str, Sequence[str]]],
+    load: Callable[[str], nn.Module],
+    *,
+    reference: nn.Module | None = None,
+    batch_size: int = 8,
+    progress: ProgressFn | None = None,
+) -> dict[str, EvalResult]:
+    """`evaluate_lm` where each window is scored by a model of its own: ``assignments[a][domain][j]`` names the
+    model that scores window ``j`` of ``domain`` under assignment ``a`` (e.g. "routed", "oracle"); ``load(name)``
+    builds that model. Models are built one at a time, in the order of first use, and dropped after their
+    windows of every assignment are scored, so at most one of them is in memory beside ``reference``; a window
+    that several assignments give the same model is scored once.
+
+    Returns {assignment: EvalResult}; the sums are those of `evaluate_lm` (one window = the same numbers whichever
+    batch it is in), so an assignment that names one model everywhere gives that model's `evaluate_lm` result.
+    """
+    for a, choice in assignments.items():
+        for d, w in windows.items():
+            if len(choice.get(d, ())) != w.shape[0]:
+                raise ValueError(f"assignment {a!r} names {len(choice.get(d, ()))} models for the {w.shape[0]} "
+                                 f"windows of {d!r}")
+    names = list(dict.fromkeys(n for choice in assignments.values() for d in windows for n in choice[d]))
+    sums = {a: {d: _Sums() for d in windows} for a in assignments}
+    for name in names:
+        model = load(name)
+        model.eval()
+        _check_windows(windows, _vocab_rows(model))
+        if reference is not None:
+            reference.eval()
+            if _vocab_rows(reference) != _vocab_rows(model):
+                raise UserError(f"the reference model has a vocabulary of {_vocab_rows(reference)} tokens and the "
+                                f"model {_vocab_rows(model)}: KL and top-1 agreement need one tokenizer")
+        for d, w in windows.items():
+            rows = sorted({j for choice in assignments.values() for j, n in enumerate(choice[d]) if n == name})
+            if not rows:
+                continue
+            per_window = dict(zip(rows, _window_sums(model, reference, w[rows], d, batch_size, progress)))
+            for a, choice in assignments.items():
+                for j, n in enumerate(choice[d]):
+                    if n == name:
+                        sums[a][d].add(per_window[j])
+        del model
+    with_ref = reference is not None
+    out = {}
+    for a, per_domain in sums.items():
+        total = _Sums()
+        for s in per_domain.values():
+            total.add(s)
+        out[a] = EvalResult(overall=total.metrics(with_ref), domains={d: s.metrics(with_ref)
+                                                                      for d, s in per_domain.items()})
+    return out
+
+
+@torch.inference_mode()
+def _window_sums(model: nn.Module, reference: nn.Module | None, windows: torch.Tensor, domain: str,
+                 batch_size: int, progress: ProgressFn | None) -> list[_Sums]:
+    """`_evaluate_domain`'s sums, one per window (batched the same way)."""
+    out = []
+    n = windows.shape[0]
+    for start in range(0, n, batch_size):
+        batch = windows[start:start + batch_size].long()
+        logits = model(input_ids=batch.to(_input_device(model)), use_cache=False).logits
+        ref_logits = None
+        if reference is not None:
+            ref_logits = reference(input_ids=batch.to(_input_device(reference)), use_cache=False).logits
+            ref_logits = ref_logits.to(logits.device)
+        targets = batch[:, 1:].to(logits.device)
+        for b in range(batch.shape[0]):
+            out.append(_score_batch(logits[b:b + 1], targets[b:b + 1],
+                                    None if ref_logits is None else ref_logits[b:b + 1]))
+        del logits, ref_logits
+        if progress:
+            progress(f"eval {domain}", min(start + batch_size, n), n)
+    return out
+
+
 @torch.inference_mode()
 def _evaluate_domain(model: nn.Module, reference: nn.Module | None, windows: torch.Tensor, domain: str,
                      batch_size: int, progress: ProgressFn | None) -> _Sums:

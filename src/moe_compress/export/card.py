@@ -24,6 +24,7 @@ def model_card(manifest: dict) -> str:
         f"({calib.get('n_samples', 0)} x {calib.get('seq_len', 0)} tokens) |",
         f"| mode | {manifest.get('mode')} |",
         *_export_rows(manifest.get("export")),
+        *_companion_lines(manifest),
         "",
         "`compression.json` records, for every layer, which original experts each new expert comes from and with "
         "what weights, the calibration data hash, timings and the full recipe to re-run this compression:",
@@ -34,6 +35,21 @@ def model_card(manifest: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _companion_lines(manifest: dict) -> list[str]:
+    """What a checkpoint of a family (premoe: one per calibration domain) is, for the card."""
+    c, own = manifest.get("companions"), manifest.get("companion")
+    if c:
+        names = ", ".join(f"`{n}`" for n in c["checkpoints"])
+        return ["", f"This is the all-domain checkpoint of a family of {c['count']} of the same size: the experts "
+                f"kept for every calibration domain together. `{c['folder']}/` holds one checkpoint per domain "
+                f"({names}); `moe-compress route . --prompt TEXT` picks the one for a prompt ({c['index']} holds "
+                f"the stored patterns); {c['bytes']['total']:,} bytes of weights in all."]
+    if own:
+        return ["", f"This is the `{own['name']}` domain checkpoint of a family: the all-domain checkpoint and the "
+                "patterns that pick a domain checkpoint for a prompt are in `../..`."]
+    return []
 
 
 def _export_rows(x: dict | None) -> list[str]:

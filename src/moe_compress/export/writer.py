@@ -179,29 +179,47 @@ def export_record(policy: SavePolicy, original_params: int, source_bytes: int | 
                       "fraction": None if not source_bytes else round(written / source_bytes, 6)}}
 
 
+def write_checkpoint(model, folder: Path, *, manifest: dict, adapter=None, policy: SavePolicy | None = None,
+                     original_params: int | None = None, source_bytes: int | None = None,
+                     tokenizer_source: str | Path | None = None, tokenizer=None,
+                     model_card: Callable[[dict], str] | None = None, extra_files: dict[str, bytes] | None = None,
+                     companions: Callable[[Path, dict], dict] | None = None) -> None:
+    """Write ``model`` + tokenizer + compression.json (``manifest``) + README.md into the existing empty
+    ``folder`` (not atomic: `export_checkpoint` wraps it in a temporary folder renamed at the end).
+
+    With a ``policy`` (and the model's ``adapter``) the model's tensors are first cast in place to their written
+    dtypes (`moe_compress.export.dtypes`), and ``manifest["export"]`` records the dtypes, the parameters
+    (``original_params`` -> written) and the bytes (``source_bytes`` -> written); ``companions(folder,
+    manifest)``, if given, writes further checkpoints into ``folder`` after the weights and returns what
+    ``manifest["companions"]`` records; the card is made from the completed manifest."""
+    if policy is not None:
+        cast_model(model, adapter, policy)
+    save_model(model, folder)
+    keep_source_architectures(folder, tokenizer_source)
+    if policy is not None:
+        n = original_params or sum(p.numel() for p in model.parameters())
+        manifest["export"] = export_record(policy, n, source_bytes, folder)
+    if companions is not None:
+        manifest["companions"] = companions(folder, manifest)
+    copy_tokenizer(tokenizer_source, folder, tokenizer)
+    write_json(folder / "compression.json", manifest)
+    if model_card is not None:
+        (folder / "README.md").write_text(model_card(manifest))
+    for name, data in (extra_files or {}).items():
+        (folder / name).write_bytes(data)
+
+
 def export_checkpoint(model, out: str | Path, *, manifest: dict, adapter=None, policy: SavePolicy | None = None,
                       original_params: int | None = None, source_bytes: int | None = None,
                       tokenizer_source: str | Path | None = None, tokenizer=None,
                       model_card: Callable[[dict], str] | None = None, overwrite: bool = False,
-                      extra_files: dict[str, bytes] | None = None) -> Path:
-    """Write ``model`` + tokenizer + compression.json (``manifest``) + README.md to ``out`` atomically.
-
-    With a ``policy`` (and the model's ``adapter``) the model's tensors are first cast in place to their written
-    dtypes (`moe_compress.export.dtypes`), and ``manifest["export"]`` records the dtypes, the parameters
-    (``original_params`` -> written) and the bytes (``source_bytes`` -> written); the card is made from the
-    completed manifest."""
+                      extra_files: dict[str, bytes] | None = None,
+                      companions: Callable[[Path, dict], dict] | None = None) -> Path:
+    """`write_checkpoint` into ``out`` atomically (a temporary folder beside it, renamed at the end; companions
+    included)."""
     with atomic_output_dir(out, overwrite) as tmp:
-        if policy is not None:
-            cast_model(model, adapter, policy)
-        save_model(model, tmp)
-        keep_source_architectures(tmp, tokenizer_source)
-        if policy is not None:
-            n = original_params or sum(p.numel() for p in model.parameters())
-            manifest["export"] = export_record(policy, n, source_bytes, tmp)
-        copy_tokenizer(tokenizer_source, tmp, tokenizer)
-        write_json(tmp / "compression.json", manifest)
-        if model_card is not None:
-            (tmp / "README.md").write_text(model_card(manifest))
-        for name, data in (extra_files or {}).items():
-            (tmp / name).write_bytes(data)
+        write_checkpoint(model, tmp, manifest=manifest, adapter=adapter, policy=policy,
+                         original_params=original_params, source_bytes=source_bytes,
+                         tokenizer_source=tokenizer_source, tokenizer=tokenizer, model_card=model_card,
+                         extra_files=extra_files, companions=companions)
     return Path(out)

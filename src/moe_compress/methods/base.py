@@ -34,7 +34,9 @@ class LayerContext:
     inputs: the MoE block's inputs on real calibration tokens [T, H], if the method set ``needs_inputs``;
     generator: seeded, for any randomness;
     input_domains: the calibration domain id of each of those tokens [T] int64, when the calibration rows had
-    domains (else None).
+    domains (else None);
+    domain_names: the calibration domains' names in id order (the ids of ``input_domains`` and of per-domain
+    statistics such as ``tokens_by_domain``), or None without domains.
     """
 
     layer: MoELayer
@@ -43,6 +45,7 @@ class LayerContext:
     inputs: torch.Tensor | None = None
     generator: torch.Generator | None = None
     input_domains: torch.Tensor | None = None
+    domain_names: list[str] | None = None
 
 
 @dataclass
@@ -51,6 +54,31 @@ class LayerPlan:
 
     expert_set: ExpertSet
     info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Companions:
+    """Further checkpoints a method derives from the same original model beside its main one, and how to choose
+    one for an input (premoe: one pruned checkpoint per calibration domain, chosen by the nearest stored
+    routing pattern).
+
+    folder: the sub-folder of the output that holds them (``OUT/<folder>/<name as a folder name>/``);
+    kept: {name: {MoE layer: kept original experts}} (each companion is the original pruned to those);
+    index: JSON-able description written as ``OUT/<method>.json`` (with a ``checkpoints`` entry added: name ->
+    path relative to OUT); tensors: what `choose` needs beside the index (may be empty), written as
+    ``OUT/<folder>/<tensors_file>`` (not beside the main weights, where a loader that reads every
+    ``*.safetensors`` file of the folder would take it for part of the model)."""
+
+    folder: str
+    kept: dict[str, dict[int, list[int]]]
+    index: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    tensors_file: str = "query.safetensors"
+
+    def choose(self, model, input_ids: torch.Tensor) -> list[tuple[str, dict[str, float]]]:
+        """For each row of ``input_ids`` [B, L] (run through ``model``, the main checkpoint): the chosen
+        companion's name and the score of every companion (lower = closer)."""
+        raise NotImplementedError
 
 
 class Method:
@@ -65,6 +93,11 @@ class Method:
     # True: every expert is kept and the budget (--experts N / --ratio R) is a share of the routed experts'
     # parameters (N / E of them); the method narrows the experts instead (``ctx.n_experts`` = N)
     keeps_experts: ClassVar[bool] = False
+    # True: besides the main checkpoint the method derives further pruned checkpoints of the same original model
+    # (`companions`; premoe: one per calibration domain). The pipeline then keeps the original in memory, writes
+    # them under the output folder, and refuses --mode sequential and --stream.
+    writes_companions: ClassVar[bool] = False
+    min_domains: ClassVar[int] = 0                 # calibration domains the method needs (0: any data)
 
     class Params(Params):
         pass
@@ -103,6 +136,19 @@ class Method:
         evaluation: ``model`` (a copy of the original, changed in place, e.g. by hooks) and its parameter count as
         the paper counts it; ``stats``/``infos`` are the statistics and plan records per layer. Default: None."""
         return None
+
+    def check_model(self, adapter) -> None:
+        """A `UserError` if the parameters do not fit this model (run before any weights are loaded)."""
+
+    def companions(self, infos: dict[int, dict], original, adapter) -> Companions | None:
+        """For ``writes_companions`` methods: the further checkpoints, from the per-layer plan records ``infos``
+        and the ORIGINAL model (``adapter`` its adapter). None otherwise."""
+        return None
+
+    @classmethod
+    def load_companions(cls, index: dict, tensors: dict[str, torch.Tensor]) -> Companions:
+        """The `Companions` written as ``index`` (``OUT/<method>.json``) and ``tensors``, to choose among them."""
+        raise NotImplementedError(f"method {cls.name} writes no companions")
 
     def observer_options(self) -> dict[str, Any]:
         """Options for the statistic observers this method needs (e.g. a token budget)."""

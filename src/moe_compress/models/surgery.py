@@ -8,6 +8,8 @@ config field the family really uses. DeepSeek group-limited routing also needs E
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from moe_compress.errors import UserError
@@ -60,6 +62,23 @@ def keep_sets(adapter: Adapter, model, keep: dict[int, list[int]]) -> dict[int, 
 def keep_experts(adapter: Adapter, model, keep: dict[int, list[int]]) -> None:
     """Prune in place: layer index -> original experts to keep (same count in every MoE layer)."""
     replace_experts(adapter, model, keep_sets(adapter, model, keep))
+
+
+def pruned_copy(adapter: Adapter, model, keep: dict[int, list[int]]):
+    """A new model: ``model`` with every MoE layer pruned to the original experts ``keep[layer]``; ``model`` itself
+    is not changed. Only the kept experts and router rows are copied (the full routed experts are never
+    duplicated): peak memory is ``model`` plus the pruned copy."""
+    from moe_compress.models.registry import get_adapter
+
+    sets = keep_sets(adapter, model, keep)
+    memo: dict[int, object] = {}
+    for block in adapter.moe_blocks(model).values():
+        for p in [*block.experts.parameters(), *adapter.router(block).parameters()]:
+            memo[id(p)] = torch.nn.Parameter(torch.empty(0, dtype=p.dtype, device=p.device),
+                                             requires_grad=p.requires_grad)
+    new = copy.deepcopy(model, memo)
+    replace_experts(get_adapter(new), new, sets)
+    return new
 
 
 def replace_experts(adapter: Adapter, model, sets: dict[int, ExpertSet]) -> None:

@@ -78,6 +78,24 @@ def layer_error_table(rows: list[dict], budget: int) -> str | None:
     for r in sel:
         cells = [r["method"], _fmt(r["layer_error"], 4)] + [_fmt(r.get(f"layer_error.{i}"), 4) for i in layers]
         lines.append("| " + " | ".join(cells) + " |")
+def routing_table(rows: list[dict]) -> str | None:
+    """For methods with companions (premoe): route accuracy overall and per domain, and where each domain's
+    windows went; None when no row has one."""
+    import json
+
+    sel = [r for r in rows if "route_accuracy" in r]
+    if not sel:
+        return None
+    doms = list(dict.fromkeys(k.split(".")[0] for r in sel for k in r if k.endswith(".route_accuracy")))
+    head = ["method", "experts", "checkpoints", "route tokens", "route accuracy"] + [f"{d}" for d in doms] + \
+        ["windows routed to"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in sel:
+        went = json.loads(r.get("routed_to") or "{}")
+        where = "; ".join(f"{d}: " + ", ".join(f"{n} {c}" for n, c in to.items()) for d, to in went.items())
+        cells = [r["method"], r["experts"], r.get("checkpoints"), r.get("route_tokens"), _fmt(r["route_accuracy"], 3)]
+        cells += [_fmt(r.get(f"{d}.route_accuracy"), 3) for d in doms] + [where]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
 
 
@@ -105,6 +123,15 @@ def markdown_report(rows: list[dict], meta: dict, plots: list[str]) -> str:
                       "||Y' - Y||^2 / ||Y||^2 of the new experts against the original block's routed output "
                       "(shared experts excluded), per MoE layer, on up to 4096 calibration inputs of the original "
                       "model, before any end-to-end refinement.", "", table, ""]
+    routing = routing_table(rows)
+    if routing is not None:
+        parts += ["## Routed checkpoints", "",
+                  "A method with one checkpoint per calibration domain (premoe) has three rows: `NAME` scores each "
+                  "evaluation window on the domain checkpoint chosen from the window's first `route tokens` tokens "
+                  "(those tokens are scored too, as in every row), `NAME:oracle` on the checkpoint of the window's "
+                  "own domain, `NAME:all-domain` on the one checkpoint of the same size kept for all calibration "
+                  "data. Route accuracy = share of windows routed to their own domain's checkpoint.", "",
+                  routing, ""]
     parts += ["## Timings", "", timing_table(rows), ""]
     parts += [f"![{p}]({p})" for p in plots]
     return "\n".join(parts) + "\n"
