@@ -59,9 +59,11 @@ class Method:
     name: ClassVar[str]
     kind: ClassVar[Literal["prune", "merge"]]
     summary: ClassVar[str]
-    needs: ClassVar[frozenset[str]] = frozenset()  # statistics the method reads
+    # `needs` and `needs_data` are class defaults that an instance may change from its parameters (stun with
+    # unstructured_sparsity > 0 reads calibration data): ask the instance, not the class
+    needs: frozenset[str] = frozenset()            # statistics the method reads
     needs_inputs: ClassVar[bool] = False           # wants the MoE inputs of calibration tokens
-    needs_data: ClassVar[bool] = True              # False: runs without calibration data
+    needs_data: bool = True                        # False: runs without calibration data
     # True: every expert is kept and the budget (--experts N / --ratio R) is a share of the routed experts'
     # parameters (N / E of them); the method narrows the experts instead (``ctx.n_experts`` = N)
     keeps_experts: ClassVar[bool] = False
