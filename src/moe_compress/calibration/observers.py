@@ -34,7 +34,7 @@ per expert on its tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -187,7 +187,7 @@ class ObservedExperts:
         self.token_domain: torch.Tensor | None = None  # [T] int64 domain ids of the current batch, or None
         self._grouped: bool | None = None  # grouped_mm usable here (None: not tried yet)
         self.extra: list[LayerObserver] = list(extra or [])
-        self._experts = layer.block.experts
+        self._experts: Any = layer.block.experts  # the experts module whose forward `install` shadows
 
     def results(self) -> dict[str, torch.Tensor]:
         """Routed statistics and every plug-in's statistics of this layer."""

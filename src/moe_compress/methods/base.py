@@ -26,6 +26,9 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+AnyParams = Params  # the base, for annotations inside `Method` (where ``Params`` is its nested class)
+
+
 @dataclass
 class LayerContext:
     """Everything a method may use for one layer.
@@ -70,6 +73,10 @@ class Method:
 
     class Params(Params):
         pass
+
+    # each subclass narrows this to its own ``Params`` (``params: Params`` after the nested class; a base
+    # class of other methods to the base of their parameters, e.g. ``params: PruneParams``)
+    params: AnyParams
 
     def __init__(self, **params: Any):
         try:

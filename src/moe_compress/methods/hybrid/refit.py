@@ -327,7 +327,7 @@ def fold_experts(layer: MoELayer, x: torch.Tensor, groups: dict[int, list[int]])
         gate.append(torch.cat([w.gate[m][j] for m, j in pick]))
         up.append(torch.cat([w.up[m][j] for m, j in pick]))
         down.append(torch.cat([w.down[m][:, j] for m, j in pick], dim=1))
-        if w.gate_bias is not None:
+        if w.gate_bias is not None and w.up_bias is not None:  # gpt_oss: gate and up biases
             gb.append(torch.cat([w.gate_bias[m][j] for m, j in pick]))
             ub.append(torch.cat([w.up_bias[m][j] for m, j in pick]))
         if w.down_bias is not None:
@@ -375,6 +375,8 @@ class Refit(Method):
         distill_batch: int = Field(8, ge=1)          # calibration rows per step
         distill_every: int = Field(25, ge=1)         # held-out check interval (steps)
         distill_schedule: Literal["constant", "cosine"] = "constant"  # step size over the steps (distill.py)
+
+    params: Params
 
     @property
     def needs_teacher(self) -> bool:
@@ -500,11 +502,14 @@ class Refit(Method):
                                       w.down_bias)
                     errors["down" + tag] = relative_error(output(w, rw, rb, x_all)[0], y_all)
         dtype = base.experts.down.dtype
+        if rb is not None:
+            assert base.router_bias is not None  # rb is base.router_bias, refitted
+            rb = rb.to(base.router_bias.dtype)
         new = ExpertSet(experts=ExpertWeights(w.gate.to(dtype) if tuned else base.experts.gate,
                                               w.up.to(dtype) if tuned else base.experts.up, w.down.to(dtype),
                                               base.experts.gate_bias, base.experts.up_bias, base.experts.down_bias),
                         router_weight=rw.to(base.router_weight.dtype),
-                        router_bias=None if rb is None else rb.to(base.router_bias.dtype),
+                        router_bias=rb,
                         correction_bias=base.correction_bias, sources=base.sources)
         info = {"fit_tokens": int(x_all.shape[0]), "heldout_tokens": int(n_hold), "ridge": best if p.refit_down
                 else None, "heldout_by_ridge": ridge_info,

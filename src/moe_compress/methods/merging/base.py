@@ -67,6 +67,8 @@ class MergeMethod(Method):
     class Params(MergeParams):
         pass
 
+    params: MergeParams  # subclasses narrow it to their own Params
+
     def __init__(self, **params):
         super().__init__(**params)
         kind = getattr(self.params, "similarity", None)

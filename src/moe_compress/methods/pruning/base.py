@@ -51,7 +51,7 @@ def protected_experts(ctx: LayerContext, params) -> list[int]:
         return []
     peaks = ctx.stats.get("max_activation")
     supers = super_experts(peaks, params.super_threshold)
-    if not supers:
+    if peaks is None or not supers:  # no peaks, no super experts
         return []
     strength = lambda e: -float(peaks[e])  # noqa: E731
     rule, n = ctx.layer.rule, ctx.layer.n_experts
@@ -108,6 +108,8 @@ class ScorePruning(Method):
 
     class Params(PruneParams):
         pass
+
+    params: PruneParams  # subclasses narrow it to their own Params
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         raise NotImplementedError
