@@ -59,12 +59,12 @@ class Recipe(_Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _method_spec(cls, data):
+    def _method_spec(cls, data: Any) -> Any:
         """``method: NAME[key=value,...]`` -> ``method: NAME`` + ``params`` (`normalize_method`)."""
         return normalize_method(dict(data)) if isinstance(data, dict) else data
 
     @model_validator(mode="after")
-    def _one_budget(self):
+    def _one_budget(self) -> Recipe:
         if (self.experts is None) == (self.ratio is None):
             raise ValueError("give exactly one budget: experts (kept per layer) or ratio (fraction removed)")
         return self

@@ -11,13 +11,20 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from moe_compress.errors import UserError
 from moe_compress.models.layer import ExpertSet, MoELayer
+from moe_compress.models.loading import CausalLM
+
+if TYPE_CHECKING:
+    from moe_compress.calibration.data import CalibrationSet
+    from moe_compress.models.registry import Adapter
+
+Progress = Callable[[str, int, int], None]
 
 
 class Params(BaseModel):
@@ -100,7 +107,8 @@ class Method:
         """True when `refine` wants the original model next to the compressed one."""
         return False
 
-    def refine(self, student, teacher, adapter, calib, *, device, seed: int = 0, progress=None) -> dict | None:
+    def refine(self, student: CausalLM, teacher: CausalLM | None, adapter: Adapter, calib: CalibrationSet | None,
+               *, device: str | torch.device, seed: int = 0, progress: Progress | None = None) -> dict | None:
         """An optional stage after every MoE layer was compressed and written (``student``, in place), e.g.
         distillation against the original model ``teacher`` on the calibration set ``calib``. Returns a
         JSON-able record for compression.json, or None when the method has no such stage."""

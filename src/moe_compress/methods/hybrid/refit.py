@@ -51,18 +51,23 @@ visible in compression.json.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import Field
 
 from moe_compress.errors import UserError
-from moe_compress.methods.base import LayerContext, LayerPlan, Method, get_method, register
+from moe_compress.methods.base import LayerContext, LayerPlan, Method, Progress, get_method, register
 from moe_compress.methods.hybrid.distill import distill
 from moe_compress.methods.pruning.base import PruneParams, check_target, rounded
 from moe_compress.models.layer import ExpertSet, ExpertWeights, MoELayer, expert_forward
+from moe_compress.models.loading import CausalLM
+from moe_compress.models.registry import Adapter
 from moe_compress.models.routing import route
 from moe_compress.models.surgery import keep_set
+
+if TYPE_CHECKING:
+    from moe_compress.calibration.data import CalibrationSet
 
 RIDGE_GRID = (0.03, 0.1, 0.3, 1.0)
 AUTO_RIDGE_FALLBACK = 0.1  # ridge="auto" with holdout=0
@@ -382,11 +387,13 @@ class Refit(Method):
     def needs_teacher(self) -> bool:
         return self.params.distill_steps > 0
 
-    def refine(self, student, teacher, adapter, calib, *, device, seed: int = 0, progress=None) -> dict | None:
+    def refine(self, student: CausalLM, teacher: CausalLM | None, adapter: Adapter, calib: CalibrationSet | None,
+               *, device: str | torch.device, seed: int = 0, progress: Progress | None = None) -> dict | None:
         """Distillation of the compressed model against the original (``distill_steps`` > 0): `distill`."""
         p = self.params
         if not p.distill_steps:
             return None
+        assert teacher is not None and calib is not None  # needs_teacher and needs_data: the pipeline gave both
         return distill(student, teacher, adapter, calib.input_ids, calib.attention_mask, params=p.distill_params,
                        steps=p.distill_steps, lr=p.distill_lr, batch_rows=p.distill_batch, every=p.distill_every,
                        schedule=p.distill_schedule, seed=seed, device=device, progress=progress)

@@ -20,6 +20,8 @@ that was never routed on the calibration data has no peak and cannot be detected
 
 from __future__ import annotations
 
+from typing import Any, Iterable
+
 import torch
 
 from moe_compress.errors import UserError
@@ -41,7 +43,7 @@ def super_experts(max_activation: torch.Tensor | None, threshold: float) -> list
     return [int(e) for e in torch.nonzero(max_activation > threshold * med).flatten()]
 
 
-def protected_experts(ctx: LayerContext, params) -> list[int]:
+def protected_experts(ctx: LayerContext, params: PruneParams) -> list[int]:
     """The super experts of this layer that must be kept (empty when ``params.protect_super`` is off).
 
     At most ``ctx.n_experts`` of them, and with DeepSeek groups at most n_keep / n_group per group: the ones
@@ -64,7 +66,7 @@ def protected_experts(ctx: LayerContext, params) -> list[int]:
     return sorted(kept)
 
 
-def rounded(values) -> list[float]:
+def rounded(values: Iterable[Any]) -> list[float]:
     """Values as JSON floats with 7 significant digits (small errors stay visible, unlike fixed decimals)."""
     return [float(f"{float(v):.7g}") for v in values]
 
