@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all lint vllm-check clean
+.PHONY: install demo test test-all lint typecheck vllm-check clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,10 @@ demo: install
 
 lint: install
 	$(BIN)/ruff check src tests bench
+
+# mypy over the core (models, methods, calibration, the pipeline and its helpers: `files` in pyproject.toml)
+typecheck: install
+	$(BIN)/mypy
 
 test: install
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)

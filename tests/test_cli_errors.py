@@ -253,7 +253,7 @@ def test_compress_bad_options(run, work, saved_models, real, args, pattern):
         import torch
 
         if torch.cuda.is_available():
-            pytest.skip("this machine has CUDA")
+            pytest.skip("this machine has CUDA: the no-CUDA refusal cannot happen here")
     assert_user_error(run("compress", saved_models["mixtral"], *args, "--out", "out", cwd=work, real=real), pattern)
     assert listing(work) == set()
 

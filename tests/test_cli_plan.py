@@ -74,6 +74,24 @@ def test_dry_run_of_a_data_free_method(monkeypatch, capsys, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_dry_run_follows_the_data_a_method_needs_from_its_parameters(monkeypatch, capsys, tmp_path):
+    """stun reads no data by default but calibration data with unstructured_sparsity > 0 (an instance setting,
+    not the class's): the dry run asks for --calib as the run would, and plans the calibration pass."""
+    args = ("compress", "builtin:mixtral-8e", "--method", "stun[unstructured_sparsity=0.5]", "--experts", 6,
+            "--out", "out", "--dry-run")
+    code, out, err = run_cli_in(monkeypatch, capsys, tmp_path, *args)
+    assert code == 2 and out == ""
+    assert "needs calibration data: pass --calib SPEC" in err
+    code, out, err = run_cli_in(monkeypatch, capsys, tmp_path, *args, "--calib", "builtin:demo")
+    assert code == 0, err
+    assert "calibration builtin:demo:" in out and "needs no data" not in out
+    code, out, err = run_cli_in(monkeypatch, capsys, tmp_path, "compress", "builtin:mixtral-8e", "--method", "stun",
+                                "--experts", 6, "--out", "out", "--dry-run")
+    assert code == 0, err
+    assert "calibration none (this method needs no data)" in out
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_dry_run_refuses_existing_nothing_but_validates(monkeypatch, capsys, tmp_path, saved_models):
     """A dry run validates the method parameters too (a misspelt parameter is an error, not ignored)."""
     code, out, err = run_cli_in(monkeypatch, capsys, tmp_path, "compress", saved_models["mixtral"], "--method",

@@ -60,7 +60,7 @@ def test_jsonl_xz(tmp_path):
 
 
 def test_parquet(tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    pa = pytest.importorskip("pyarrow", reason="pyarrow is optional (the parquet extra; the dev extra installs it)")
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"text": ["x", "y"], "domain": ["d", None], "id": [1, 2]}), tmp_path / "t.parquet")

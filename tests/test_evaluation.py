@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from moe_compress.calibration.data import Document, evaluation_windows
 from moe_compress.errors import UserError
 from moe_compress.evaluation import metrics
 from moe_compress.evaluation.lm_eval_bridge import (
@@ -135,15 +136,12 @@ def _byte_tokenizer():
 
 
 def test_windowing_is_pinned():
-    data = pytest.importorskip("moe_compress.calibration.data")
-    if not hasattr(data, "evaluation_windows"):
-        pytest.skip("calibration.data.evaluation_windows not written yet")
     tok = _byte_tokenizer()
     ids = tok.convert_tokens_to_ids(list("abcdefghij"))
-    out = data.evaluation_windows([data.Document(text="abcdefghij", domain="d")], tok, 4)
+    out = evaluation_windows([Document(text="abcdefghij", domain="d")], tok, 4)
     assert list(out) == ["d"]
     assert out["d"].tolist() == [ids[0:4], ids[4:8]]  # 10 tokens, seq_len 4: two windows, the tail dropped
-    joined = data.evaluation_windows([data.Document("abcde", "d"), data.Document("fghij", "d")], tok, 4)
+    joined = evaluation_windows([Document("abcde", "d"), Document("fghij", "d")], tok, 4)
     expect = tok("abcde\n\nfghij")["input_ids"]
     assert joined["d"].tolist() == [expect[0:4], expect[4:8], expect[8:12]]
 
@@ -228,7 +226,7 @@ def test_direct_scorer_matches_hand_computation(tokenizer, task_dir):
 
 
 def test_lm_eval_bridge_equals_direct_scorer(tokenizer, task_dir):
-    pytest.importorskip("lm_eval")
+    pytest.importorskip("lm_eval", reason="lm-eval is optional (the eval extra; the dev extra installs it)")
     m = tiny_model("mixtral", vocab_size=len(tokenizer))
     res = run_lm_eval(m, ["tiny_mc", "tiny_wino"], tokenizer=tokenizer, tasks_dir=task_dir, batch_size=4,
                       bootstrap_iters=0, log_samples=True)

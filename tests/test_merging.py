@@ -3,7 +3,6 @@ msmoe / hcsmoe / submoe methods end-to-end on tiny models of every architecture.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from types import SimpleNamespace
 
@@ -34,8 +33,6 @@ from moe_compress.models.surgery import write_block
 from moe_compress.models.tiny import tiny_model
 from moe_compress.pipeline import plan_and_apply
 from moe_compress.recipe import build_recipe
-
-HAS_DATA = importlib.util.find_spec("moe_compress.calibration.data") is not None
 
 
 def ids(n=4, length=32, vocab=96, seed=0):
@@ -374,7 +371,6 @@ def test_bad_switches_are_user_errors():
         get_method("submoe", rank_ratio=0.0)
 
 
-@pytest.mark.skipif(not HAS_DATA, reason="calibration/data.py not there yet")
 @pytest.mark.parametrize("method", ["msmoe", "hcsmoe", "submoe"])
 def test_cli_compress_with_merging(method, monkeypatch, capsys, saved_models, text_file, tmp_path):
     import sys

@@ -492,7 +492,6 @@ CLI_SLOW = [(a, m) for a in ARCHS for m in PRUNING_METHODS if (a, m) not in CLI_
 
 
 def _cli_end_to_end(monkeypatch, capsys, saved_models, text_file, tmp_path, arch, method):
-    pytest.importorskip("moe_compress.calibration.data")
     n_keep = n_keep_for(arch)
     out = tmp_path / "out"
     code, _, err = run_cli(monkeypatch, capsys, "compress", saved_models[arch], "--method", method, "--experts", n_keep,
@@ -524,7 +523,6 @@ def test_compress_command_every_method_and_arch(monkeypatch, capsys, saved_model
 
 
 def test_compress_command_ratio_and_no_protect_super(monkeypatch, capsys, saved_models, text_file, tmp_path):
-    pytest.importorskip("moe_compress.calibration.data")
     common = ("--calib", text_file, "--n-samples", 4, "--seq-len", 16, "-q")
     code, _, err = run_cli(monkeypatch, capsys, "compress", saved_models["deepseek_v3"], "--method", "ean",
                         "--ratio", 0.5, "--out", tmp_path / "a", *common)

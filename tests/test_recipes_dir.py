@@ -47,8 +47,8 @@ def test_recipe_validates(path):
     data = load_recipe_file(path)
     recipe = build_recipe(data)  # UserError on an unknown key, a wrong type or two budgets
     cls = all_methods()[recipe.method]
-    cls(**recipe.params)  # the method's own parameter schema
-    if cls.needs_data:
+    method = cls(**recipe.params)  # the method's own parameter schema
+    if method.needs_data:  # the instance's: a method's parameters can make it read data (stun)
         assert recipe.calibration.data, f"{path.name}: method {recipe.method} needs calibration data"
     # the header says how to run it, naming this very file
     assert f"--recipe recipes/{path.name}" in path.read_text()

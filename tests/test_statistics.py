@@ -430,7 +430,6 @@ def test_analyze_missing_arguments(monkeypatch, capsys, saved_models, tmp_path, 
 
 @pytest.mark.parametrize("case", ["empty", "too_short", "unknown_spec"])
 def test_analyze_bad_calibration_data(case, monkeypatch, capsys, saved_models, tmp_path):
-    pytest.importorskip("moe_compress.calibration.data")
     monkeypatch.setenv("MOE_COMPRESS_CACHE", str(tmp_path / "cache"))
     if case == "empty":
         spec = tmp_path / "empty.jsonl"
@@ -448,7 +447,6 @@ def test_analyze_bad_calibration_data(case, monkeypatch, capsys, saved_models, t
 
 
 def test_analyze_end_to_end_with_domains(monkeypatch, capsys, saved_models, text_file, tmp_path):
-    pytest.importorskip("moe_compress.calibration.data")
     out = tmp_path / "a"
     code, stdout, err = run_cli(monkeypatch, capsys, "analyze", saved_models["qwen3_moe"], "--calib", text_file,
                                 "--n-samples", 6, "--seq-len", 32, "--batch-size", 4, "--out", out, "-q",

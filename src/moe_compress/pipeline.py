@@ -11,7 +11,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -25,10 +25,13 @@ from moe_compress.export.writer import check_output_dir, export_checkpoint
 from moe_compress.methods.base import LayerContext, Method, format_method_spec, get_method
 from moe_compress.methods.reconstruction import layer_error
 from moe_compress.models.layer import ExpertSet
-from moe_compress.models.loading import load_config, load_model, load_tokenizer, resolve_model
-from moe_compress.models.registry import get_adapter
+from moe_compress.models.loading import CausalLM, Tokenizer, load_config, load_model, load_tokenizer, resolve_model
+from moe_compress.models.registry import Adapter, get_adapter
 from moe_compress.models.surgery import check_expert_count, write_block
 from moe_compress.recipe import Recipe
+
+if TYPE_CHECKING:
+    from moe_compress.calibration.data import CalibrationSet
 
 Progress = Callable[[str, int, int], None]
 
@@ -37,8 +40,8 @@ Progress = Callable[[str, int, int], None]
 class CompressResult:
     """What a compression produced: the model in memory, the per-layer plans and the manifest written."""
 
-    model: object
-    tokenizer: object
+    model: CausalLM
+    tokenizer: Tokenizer
     manifest: dict
     stats: Statistics
     timings: dict[str, float] = field(default_factory=dict)
@@ -57,7 +60,7 @@ def pick_dtype(name: str) -> torch.dtype | str:
     return "auto" if name == "auto" else getattr(torch, name)
 
 
-def validate_budget(recipe: Recipe, adapter, method: Method | None = None) -> int:
+def validate_budget(recipe: Recipe, adapter: Adapter, method: Method | None = None) -> int:
     """The target expert count; a `UserError` if it is not a strict reduction or not a valid count, or if the
     method's parameters or mode do not fit the model (`Method.check_model`, companions need --mode oneshot).
 
@@ -85,14 +88,19 @@ def require_calibration(recipe: Recipe, method: Method) -> None:
     """A method that needs data has a calibration SPEC, and that SPEC's paths exist (checked before loading)."""
     from moe_compress.calibration.data import check_spec
 
-    if method.needs_data and recipe.calibration.data is None:
+    if not method.needs_data:
+        return
+    check_spec(_calibration_spec(recipe))
+
+
+def _calibration_spec(recipe: Recipe) -> str:
+    if recipe.calibration.data is None:
         raise UserError(f"method {recipe.method} needs calibration data: pass --calib SPEC "
                         "(a file or folder of .txt/.jsonl, builtin:demo, hf:NAME)")
-    if method.needs_data:
-        check_spec(recipe.calibration.data)
+    return recipe.calibration.data
 
 
-def check_domains(method: Method, calib) -> list[str]:
+def check_domains(method: Method, calib: CalibrationSet | None) -> list[str]:
     """The calibration domains' names; a `UserError` when the method needs more domains than the data has."""
     from moe_compress.calibration.collect import calibration_domains
 
@@ -105,12 +113,13 @@ def check_domains(method: Method, calib) -> list[str]:
     return names
 
 
-def calibration_set(recipe: Recipe, tokenizer):
+def calibration_set(recipe: Recipe, tokenizer: Tokenizer) -> CalibrationSet:
+    """The recipe's calibration rows (a `UserError` when it has no calibration SPEC)."""
     from moe_compress.calibration.data import build_calibration
 
     c = recipe.calibration
-    return build_calibration(c.data, tokenizer, n_samples=c.n_samples, seq_len=c.seq_len, seed=c.seed,
-                             packing=c.packing, chat_template=c.chat_template)
+    return build_calibration(_calibration_spec(recipe), tokenizer, n_samples=c.n_samples, seq_len=c.seq_len,
+                             seed=c.seed, packing=c.packing, chat_template=c.chat_template)
 
 
 class MethodApplier:
@@ -119,7 +128,8 @@ class MethodApplier:
     ``infos`` collects each layer's plan record (with ``sources``); ``timings`` the planning and surgery time.
     """
 
-    def __init__(self, method: Method, adapter, model, n_new: int, seed: int, domain_names: list[str] | None = None):
+    def __init__(self, method: Method, adapter: Adapter, model: torch.nn.Module, n_new: int, seed: int,
+                 domain_names: list[str] | None = None):
         self.method, self.adapter, self.model, self.n_new = method, adapter, model, n_new
         self.domain_names = domain_names or None
         self.blocks = adapter.moe_blocks(model)
@@ -169,7 +179,8 @@ class MethodApplier:
         self.n_kept, self.width = count, width
 
 
-def plan_and_apply(method: Method, adapter, model, n_new: int, *, calib=None, recipe: Recipe,
+def plan_and_apply(method: Method, adapter: Adapter, model: torch.nn.Module, n_new: int, *,
+                   calib: CalibrationSet | None = None, recipe: Recipe,
                    device: str, progress: Progress | None = None) -> tuple[dict[int, dict], Statistics, dict]:
     """Run the method on every MoE layer (through the calibration runner when it needs data) and write the
     new experts into ``model``. Returns (per-layer info, statistics, timings)."""
@@ -342,8 +353,9 @@ def _sources(s: ExpertSet) -> list[list[list]]:
     return [[[int(e), round(float(w), 6)] for e, w in src] for src in s.sources]
 
 
-def build_manifest(recipe: Recipe, method: Method, n_orig: int, n_new: int, infos: dict[int, dict], calib,
-                   timings: dict[str, float], refined: dict | None = None) -> dict:
+def build_manifest(recipe: Recipe, method: Method, n_orig: int, n_new: int, infos: dict[int, dict],
+                   calib: CalibrationSet | None, timings: dict[str, float],
+                   refined: dict | None = None) -> dict[str, Any]:
     """compression.json: tool version, method and parameters, per-layer provenance, calibration, timings and
     the full equivalent recipe."""
     calib_info = None

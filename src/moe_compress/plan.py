@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from moe_compress.errors import UserError
 from moe_compress.methods.base import format_method_spec, method_class
 from moe_compress.models.loading import load_config
 from moe_compress.models.registry import get_adapter
@@ -53,17 +52,12 @@ def describe_plan(recipe: Recipe) -> str:
     config = load_config(recipe.model, recipe.trust_remote_code)
     adapter = get_adapter(config)
     n_orig = adapter.n_experts()
-    from moe_compress.pipeline import validate_budget
+    from moe_compress.pipeline import require_calibration, validate_budget
 
     n_new = validate_budget(recipe, adapter, method)
     c = recipe.calibration
-    if cls.needs_data:  # every path the run will read, and the output it will write, checked as the run would
-        from moe_compress.calibration.data import check_spec
-
-        if c.data is None:
-            raise UserError(f"method {recipe.method} needs calibration data: pass --calib SPEC "
-                            "(a file or folder of .txt/.jsonl, builtin:demo, hf:NAME)")
-        check_spec(c.data)
+    # every path the run will read, and the output it will write, checked as the run would
+    require_calibration(recipe, method)
     from moe_compress.export.writer import check_output_dir
 
     n_domains = calibration_domain_count(c.data) if cls.writes_companions else None
@@ -95,7 +89,7 @@ def describe_plan(recipe: Recipe) -> str:
         f"  written     {fmt_bytes(after * saved_bytes)} in {str(saved).removeprefix('torch.')} "
         f"(save dtype {recipe.save_dtype}{': the config dtype' if recipe.save_dtype == 'source' else ''})",
     ]
-    if cls.needs_data:
+    if method.needs_data:
         tokens = c.n_samples * c.seq_len
         flops = 2 * active * tokens
         lines.append(f"  calibration {c.data}: {c.n_samples} x {c.seq_len} = {tokens} tokens, batches of "

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from moe_compress.errors import UserError
+
+if TYPE_CHECKING:
+    from pydantic_core import ErrorDetails
 
 
 class _Strict(BaseModel):
@@ -56,12 +59,12 @@ class Recipe(_Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _method_spec(cls, data):
+    def _method_spec(cls, data: Any) -> Any:
         """``method: NAME[key=value,...]`` -> ``method: NAME`` + ``params`` (`normalize_method`)."""
         return normalize_method(dict(data)) if isinstance(data, dict) else data
 
     @model_validator(mode="after")
-    def _one_budget(self):
+    def _one_budget(self) -> Recipe:
         if (self.experts is None) == (self.ratio is None):
             raise ValueError("give exactly one budget: experts (kept per layer) or ratio (fraction removed)")
         return self
@@ -70,6 +73,7 @@ class Recipe(_Strict):
         """Experts kept per layer for a model with ``n_original`` routed experts."""
         if self.experts is not None:
             return self.experts
+        assert self.ratio is not None  # `_one_budget`: exactly one of experts and ratio is set
         return max(1, round(n_original * (1.0 - self.ratio)))
 
 
@@ -113,7 +117,7 @@ def normalize_method(data: dict) -> dict:
     return data
 
 
-def build_recipe(data: dict, overrides: list[tuple[str, Any]] = (), *, required: dict[str, str] | None = None,
+def build_recipe(data: dict, overrides: Sequence[tuple[str, Any]] = (), *, required: dict[str, str] | None = None,
                  check_method: bool = False) -> Recipe:
     """Validate a recipe dict (+ dotted overrides) into a Recipe; `UserError` with the first problem.
 
@@ -126,6 +130,7 @@ def build_recipe(data: dict, overrides: list[tuple[str, Any]] = (), *, required:
         _set_path(data, key, value)
     normalize_method(data)
     missing: list[str] = []
+    recipe: Recipe | None = None
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
@@ -133,7 +138,7 @@ def build_recipe(data: dict, overrides: list[tuple[str, Any]] = (), *, required:
         given = [x for x in errors if not (x["type"] == "missing" and len(x["loc"]) == 1)]
         if given:
             raise UserError(_message(given[0])) from None
-        missing, recipe = [str(x["loc"][0]) for x in errors], None
+        missing = [str(x["loc"][0]) for x in errors]
     if check_method and isinstance(data.get("method"), str) and isinstance(data.get("params", {}), dict):
         from moe_compress.methods.base import method_class
 
@@ -144,10 +149,11 @@ def build_recipe(data: dict, overrides: list[tuple[str, Any]] = (), *, required:
         if key in labels:
             raise UserError(f"missing {labels[key]} (give it on the command line or in --recipe)")
         raise UserError(f"invalid recipe: {key}: Field required")
+    assert recipe is not None  # validated, or a UserError above
     return recipe
 
 
-def _message(error: dict) -> str:
+def _message(error: ErrorDetails) -> str:
     where = ".".join(str(x) for x in error["loc"]) or "recipe"
     msg = error["msg"].replace("Value error, ", "")
     if error["type"] == "extra_forbidden":

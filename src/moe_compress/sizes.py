@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import torch
 
+from moe_compress.models.loading import Config
 from moe_compress.models.registry import get_adapter
 from moe_compress.recipe import Recipe
 
 
-def count_parameters(config) -> tuple[int, int, list[int]]:
+def count_parameters(config: Config) -> tuple[int, int, list[int]]:
     """(total params, routed-expert params per expert per layer, MoE layer indices) of a config, built on the
     meta device so no memory is used."""
     from transformers import AutoModelForCausalLM
@@ -31,14 +32,14 @@ def bytes_per_parameter(dtype: str) -> int:
     return 4 if dtype == "float32" else 2
 
 
-def written_dtype(recipe: Recipe, config) -> torch.dtype:
+def written_dtype(recipe: Recipe, config: Config) -> torch.dtype:
     """The main dtype the checkpoint is written in (``save_dtype``; ``source``: the source's, from its config)."""
     from moe_compress.export.dtypes import main_dtype
 
     return main_dtype({}, None, config) if recipe.save_dtype == "source" else getattr(torch, recipe.save_dtype)
 
 
-def estimated_output_bytes(recipe: Recipe, config, n_new: int) -> int | None:
+def estimated_output_bytes(recipe: Recipe, config: Config, n_new: int) -> int | None:
     """The written weights' size after compressing ``config`` to ``n_new`` experts (from the config alone, on the
     meta device, in the written dtype), for the free-space check before a run; None when the config cannot be
     built that way (the check is then skipped: the writer still reports a full disk as a user error)."""

@@ -48,7 +48,7 @@ from typing import Callable
 import torch
 
 from moe_compress import __version__
-from moe_compress.calibration.observers import InputCapture, ObservedExperts, make_observers
+from moe_compress.calibration.observers import InputCapture, LayerObserver, ObservedExperts, make_observers
 from moe_compress.calibration.runner import capture_layer_inputs
 from moe_compress.distributed import DistContext, broadcast_object, init_from_env, reduce_observer
 from moe_compress.errors import UserError
@@ -64,6 +64,7 @@ from moe_compress.export.writer import (
     move_into_place,
     write_json,
 )
+from moe_compress.models.layer import MoELayer
 from moe_compress.sizes import fmt_bytes
 
 Progress = Callable[[str, int, int], None]
@@ -430,13 +431,13 @@ def _run(recipe, ctx: DistContext, max_gpu_memory, progress, log, offload) -> St
             model.eval()
             embeds = []
             for b in mine:  # one batch at a time: only one batch's embeddings and kwargs on the device
-                e, per_layer = capture_layer_inputs(model, ids[b * bs:(b + 1) * bs],
-                                                    None if am is None else am[b * bs:(b + 1) * bs], device, bs)
+                emb, per_layer = capture_layer_inputs(model, ids[b * bs:(b + 1) * bs],
+                                                      None if am is None else am[b * bs:(b + 1) * bs], device, bs)
                 memo: dict = {}
-                embeds.append(e[0].to(offload))
+                embeds.append(emb[0].to(offload))
                 for i, per in enumerate(per_layer):
                     calls[i].append(_move(per[0], offload, memo))
-                del e, per_layer, memo
+                del emb, per_layer, memo
             base = getattr(model, "model", model)
             for name, m in base.named_children():
                 if name != "layers":
@@ -458,7 +459,11 @@ def _run(recipe, ctx: DistContext, max_gpu_memory, progress, log, offload) -> St
         layer = layers[i]
         t0 = time.perf_counter()
         lazy.load(i, layer, device)
-        observer = capture = None
+        observer: ObservedExperts | None = None
+        capture: InputCapture | None = None
+        view: MoELayer | None = None
+        extra: list[LayerObserver] = []
+        stats: dict[str, torch.Tensor] = {}
         plan_before = sum(applier.timings.values())
         if calib is not None and i in blocks:
             view = adapter.layer(model, i, blocks[i])
@@ -478,13 +483,15 @@ def _run(recipe, ctx: DistContext, max_gpu_memory, progress, log, offload) -> St
             if calib is None:
                 applier.apply(i)
             else:
+                assert observer is not None  # installed above on every MoE layer of a calibrated run
                 stats = {k: v.float() for k, v in observer.results().items()}
                 applier.apply(i, stats, None if capture is None else capture.inputs(),
                               None if capture is None else capture.domains())
                 if recipe.mode == "sequential":
                     outputs = _forward(layer, hidden, calls[i], masks, None, device, offload, domains, offsets,
                                        progress)
-            observer = capture = view = extra = stats = None  # noqa: F841
+            # drop this layer's observers, inputs and statistics before it is written
+            observer, capture, view, extra, stats = None, None, None, [], {}  # noqa: F841
         hidden = outputs
         calls[i] = []
         t1 = time.perf_counter()

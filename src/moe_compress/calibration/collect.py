@@ -152,7 +152,7 @@ def collect_statistics(
             "tokens": info["tokens"], "n_experts": adapter.n_experts(), "top_k": adapter.rule().top_k,
             "dtype": _model_dtype(model), "cache_key": key, "seconds": round(time.perf_counter() - t0, 3)}
     stats = Statistics(layers, meta)
-    if key is not None:
+    if key is not None and cache_dir is not None:
         _store(stats, Path(cache_dir), key)
     stats.meta["cached"] = False
     return stats

@@ -415,8 +415,8 @@ class _PackedSource:
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask), both LongTensor [rows, seq_len]."""
-        ids = np.frombuffer(self.tokens, dtype=np.int64, count=self.rows * self.seq_len)
-        ids = torch.from_numpy(ids.copy()).view(self.rows, self.seq_len)
+        stream = np.frombuffer(self.tokens, dtype=np.int64, count=self.rows * self.seq_len)
+        ids = torch.from_numpy(stream.copy()).view(self.rows, self.seq_len)
         return ids, torch.ones_like(ids)
 
 
@@ -481,8 +481,10 @@ def build_calibration(
                       max_length=None if packing else seq_len)
     spec, groups = _groups(spec_or_docs)
     texts = [random.Random(f"{seed}/{g}").sample(group.texts, len(group.texts)) for g, group in enumerate(groups)]
+    packed: list[_PackedSource] = []
+    sources: Sequence[_PackedSource | _DocumentSource]
     if packing:
-        sources = [_PackedSource(t, encode, seq_len, tokenizer.eos_token_id) for t in texts]
+        sources = packed = [_PackedSource(t, encode, seq_len, tokenizer.eos_token_id) for t in texts]
     else:
         pad = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
         sources = [_DocumentSource(t, encode, seq_len, pad) for t in texts]
@@ -490,7 +492,7 @@ def build_calibration(
     counts = _take(sources, [g.weight for g in groups], n_samples)
     n_rows = sum(counts)
     if n_rows == 0:  # only when packing: every group holds at least one document
-        longest = max(len(s.tokens) for s in sources)
+        longest = max(len(s.tokens) for s in packed)
         raise UserError(f"calibration data {spec} is too short for one row of seq_len={seq_len} (its largest "
                         f"domain has {longest} tokens): lower --seq-len or give more text")
     if n_rows < n_samples:

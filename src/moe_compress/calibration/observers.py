@@ -34,11 +34,11 @@ per expert on its tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 
-from moe_compress.models.layer import ExpertWeights, MoELayer, expert_forward
+from moe_compress.models.layer import Activation, ExpertWeights, MoELayer, expert_forward
 
 ROUTED_STATS = ("frequency", "soft_count", "ean", "reap", "max_activation")
 
@@ -53,7 +53,7 @@ class LayerObserver:
     provides: ClassVar[tuple[str, ...]] = ()
     token_domain: torch.Tensor | None = None  # [T] int64 domain id per token of the current batch, or None
 
-    def __init__(self, layer: MoELayer, **options):
+    def __init__(self, layer: MoELayer, **options: Any):
         self.layer = layer
         self.options = options
 
@@ -83,13 +83,13 @@ class InputCapture(LayerObserver):
     their domain ids ([T] int64, from `domains`; None when the runner had no domains). Not a statistic:
     `result` is empty."""
 
-    def __init__(self, layer: MoELayer, offload_device="cpu", **options):
+    def __init__(self, layer: MoELayer, offload_device: str | torch.device = "cpu", **options: Any):
         super().__init__(layer, **options)
         self.offload_device = offload_device
         self.chunks: list[torch.Tensor] = []
         self.domain_chunks: list[torch.Tensor] | None = []
 
-    def update(self, hidden, idx, weights, mask):
+    def update(self, hidden: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor) -> None:
         self.chunks.append(hidden[mask].detach().to(self.offload_device))
         if self.token_domain is None:
             self.domain_chunks = None
@@ -104,7 +104,7 @@ class InputCapture(LayerObserver):
             return None
         return torch.cat(self.domain_chunks)
 
-    def result(self):
+    def result(self) -> dict[str, torch.Tensor]:
         return {}
 
 
@@ -115,7 +115,7 @@ def _load_builtin_observers() -> None:
     import moe_compress.calibration.similarity  # noqa: F401
 
 
-def make_observers(layer: MoELayer, names, **options) -> list[LayerObserver]:
+def make_observers(layer: MoELayer, names: Iterable[str], **options: Any) -> list[LayerObserver]:
     """One instance of each extra observer class needed for the statistic ``names`` (routed ones skipped)."""
     _load_builtin_observers()
     classes: list[type[LayerObserver]] = []
@@ -138,7 +138,7 @@ class RoutedAccumulator:
     tokens: int = 0
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         z = lambda: torch.zeros(self.n_experts, dtype=torch.float64, device=self.device)  # noqa: E731
         self.sums = {"frequency": z(), "soft_count": z(), "ean": z(), "reap_sum": z(),
                      "max_activation": z()}
@@ -180,14 +180,15 @@ class ObservedExperts:
     routed statistics, and the `LayerObserver` plug-ins in ``extra``.
     """
 
-    def __init__(self, layer: MoELayer, extra: list[LayerObserver] | None = None, device=None):
+    def __init__(self, layer: MoELayer, extra: list[LayerObserver] | None = None,
+                 device: str | torch.device | None = None):
         self.layer = layer
         self.acc = RoutedAccumulator(layer.n_experts, device or layer.router_weight.device)
         self.token_mask: torch.Tensor | None = None  # [T] bool for the current batch, set by the runner
         self.token_domain: torch.Tensor | None = None  # [T] int64 domain ids of the current batch, or None
         self._grouped: bool | None = None  # grouped_mm usable here (None: not tried yet)
         self.extra: list[LayerObserver] = list(extra or [])
-        self._experts = layer.block.experts
+        self._experts: Any = layer.block.experts  # the experts module whose forward `install` shadows
 
     def results(self) -> dict[str, torch.Tensor]:
         """Routed statistics and every plug-in's statistics of this layer."""
@@ -205,7 +206,7 @@ class ObservedExperts:
             del self._experts.forward
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                *args, **kwargs) -> torch.Tensor:
+                *args: Any, **kwargs: Any) -> torch.Tensor:
         """hidden [T, H], top_k_index [T, k], top_k_weights [T, k] -> routed output [T, H]."""
         t, k = top_k_index.shape
         mask = self.token_mask if self.token_mask is not None else torch.ones(t, dtype=torch.bool,
@@ -256,12 +257,12 @@ class ObservedExperts:
         return y
 
 
-def _grouped_mm_fn():
+def _grouped_mm_fn() -> Callable[..., torch.Tensor] | None:
     return getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
 def grouped_expert_forward(w: ExpertWeights, x: torch.Tensor, sorted_e: torch.Tensor, offsets: torch.Tensor,
-                           act) -> torch.Tensor:
+                           act: Activation) -> torch.Tensor:
     """Every row of x [R, H] through its expert, rows grouped by expert (sorted_e [R]; offsets [E] int32 =
     cumulative row counts) -> [R, H], as one grouped matrix product per projection.
 
@@ -273,7 +274,7 @@ def grouped_expert_forward(w: ExpertWeights, x: torch.Tensor, sorted_e: torch.Te
     if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 0):
         raise NotImplementedError("grouped_mm needs compute capability 8.0")
 
-    def linear(inp, weight, bias):  # weight [E, out, in]
+    def linear(inp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # [E, out, in]
         out = mm(inp, weight.transpose(1, 2), offs=offsets)
         return out if bias is None else out + bias[sorted_e]
 

@@ -22,12 +22,15 @@ shards just before it runs and drops it afterwards, so the whole model never has
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 
 from moe_compress.calibration.observers import InputCapture, ObservedExperts, make_observers
+from moe_compress.models.loading import CausalLM
 from moe_compress.models.registry import Adapter
+
+Device = str | torch.device
 
 
 @dataclass
@@ -51,10 +54,10 @@ class LayerSource:
     """Brings decoder layer ``index`` to ``device`` before it runs and puts it away afterwards (in memory: move
     it back to ``offload_device``)."""
 
-    def load(self, index: int, layer: torch.nn.Module, device) -> None:
+    def load(self, index: int, layer: torch.nn.Module, device: Device) -> None:
         layer.to(device)
 
-    def release(self, index: int, layer: torch.nn.Module, offload_device) -> None:
+    def release(self, index: int, layer: torch.nn.Module, offload_device: Device) -> None:
         layer.to(offload_device)
 
 
@@ -65,16 +68,16 @@ class _Recorder(torch.nn.Module):
         super().__init__()
         self.store = store
 
-    def forward(self, hidden_states, *args, **kwargs):
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         self.store.append((args, kwargs))
         return hidden_states
 
 
-def capture_layer_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, device,
-                         batch_size: int) -> tuple[list[torch.Tensor], list[list[tuple]]]:
+def capture_layer_inputs(model: CausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                         device: Device, batch_size: int) -> tuple[list[torch.Tensor], list[list[tuple]]]:
     """Embeddings of every batch ([B, S, H] each) and, per layer, per batch, the (args, kwargs) it is called
     with. Runs the base model with recorder layers; the real layers never run here."""
-    base = getattr(model, "model", model)
+    base: Any = getattr(model, "model", model)
     layers = base.layers
     per_layer: list[list[tuple]] = [[] for _ in layers]
     originals = list(layers)
@@ -99,7 +102,7 @@ def capture_layer_inputs(model, input_ids: torch.Tensor, attention_mask: torch.T
 
 
 def run_layers(
-    model,
+    model: CausalLM,
     adapter: Adapter,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
@@ -182,8 +185,10 @@ def run_layers(
     return hidden
 
 
-def _forward_batches(layer, hidden, calls, token_masks, observer, device, offload_device, token_domains=None,
-                     progress=None) -> list[torch.Tensor]:
+def _forward_batches(layer: torch.nn.Module, hidden: list[torch.Tensor], calls: list[tuple],
+                     token_masks: list[torch.Tensor], observer: ObservedExperts | None, device: Device,
+                     offload_device: Device, token_domains: Sequence[torch.Tensor | None] | None = None,
+                     progress: Callable[[str, int, int], None] | None = None) -> list[torch.Tensor]:
     outs = []
     token_domains = token_domains or [None] * len(hidden)
     with torch.inference_mode():

@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from moe_compress.errors import UserError
+from moe_compress.models.loading import CausalLM
 
 TASKS_DIR_ENV = "MOE_COMPRESS_TASKS_DIR"
 _LOCAL_PREFIX = "moe_compress_"  # lm-eval name of a local task, distinct from lm-eval's own definitions
@@ -149,13 +149,13 @@ def _import_lm_eval():
     return lm_eval, HFLM, TaskManager
 
 
-def max_length(model: nn.Module) -> int:
+def max_length(model: CausalLM) -> int:
     """Longest input scored: the model's ``max_position_embeddings`` (2048 when the config has none)."""
     return getattr(model.config, "max_position_embeddings", None) or 2048
 
 
 def run_lm_eval(
-    model: nn.Module | str,
+    model: CausalLM | str,
     tasks: Sequence[str],
     *,
     tokenizer=None,
@@ -259,7 +259,7 @@ def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int],
 
 
 @torch.inference_mode()
-def loglikelihoods(model: nn.Module, tokenizer, requests: Sequence[tuple[str, str]], *, batch_size: int = 8,
+def loglikelihoods(model: CausalLM, tokenizer, requests: Sequence[tuple[str, str]], *, batch_size: int = 8,
                    max_len: int | None = None) -> list[float]:
     """``log p(continuation | context)`` for each ``(context, continuation)`` request.
 
@@ -306,7 +306,7 @@ class ChoiceScores:
         return {"acc": self.acc, "acc_norm": self.acc_norm, "acc_bytes": self.acc_bytes, "n": self.n}
 
 
-def score_choices(model: nn.Module, tokenizer, items: Sequence[dict], *, batch_size: int = 8) -> ChoiceScores:
+def score_choices(model: CausalLM, tokenizer, items: Sequence[dict], *, batch_size: int = 8) -> ChoiceScores:
     """Direct log-likelihood scoring of multiple-choice or partial-scoring items (see the module docstring).
 
     ``acc``: argmax of the summed log-probs; ``acc_norm``: of log-prob / length in characters of the option text
@@ -336,7 +336,7 @@ def score_choices(model: nn.Module, tokenizer, items: Sequence[dict], *, batch_s
                         loglikelihoods=lls)
 
 
-def score_task_file(model: nn.Module, tokenizer, path: str | Path, *, limit: int | None = None,
+def score_task_file(model: CausalLM, tokenizer, path: str | Path, *, limit: int | None = None,
                     batch_size: int = 8) -> ChoiceScores:
     """`score_choices` on the first ``limit`` items of a multiple-choice or partial-scoring task file."""
     fmt, items = read_task_file(path, limit=limit)

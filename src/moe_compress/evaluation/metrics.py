@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from moe_compress.errors import UserError
+from moe_compress.models.loading import CausalLM
 
 ProgressFn = Callable[[str, int, int], None]
 """Progress callback ``progress(stage, done, total)``, as elsewhere in the package."""
@@ -98,11 +99,11 @@ class _Sums:
                          kld=self.kl / self.tokens, top1=self.agree / self.tokens)
 
 
-def _input_device(model: nn.Module) -> torch.device:
+def _input_device(model: CausalLM) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
-def _vocab_rows(model: nn.Module) -> int:
+def _vocab_rows(model: CausalLM) -> int:
     return model.get_input_embeddings().num_embeddings
 
 
@@ -165,10 +166,10 @@ def _fp64_sum(parts: list[torch.Tensor]) -> float:
 
 
 def evaluate_lm(
-    model: nn.Module,
+    model: CausalLM,
     windows: Mapping[str, torch.Tensor],
     *,
-    reference: nn.Module | None = None,
+    reference: CausalLM | None = None,
     batch_size: int = 8,
     progress: ProgressFn | None = None,
 ) -> EvalResult:
@@ -293,7 +294,7 @@ def _window_sums(model: nn.Module, reference: nn.Module | None, windows: torch.T
 
 
 @torch.inference_mode()
-def _evaluate_domain(model: nn.Module, reference: nn.Module | None, windows: torch.Tensor, domain: str,
+def _evaluate_domain(model: CausalLM, reference: CausalLM | None, windows: torch.Tensor, domain: str,
                      batch_size: int, progress: ProgressFn | None) -> _Sums:
     sums = _Sums()
     n = windows.shape[0]
@@ -322,7 +323,7 @@ def check_same_tokenizer(tokenizer, reference_tokenizer) -> None:
 
 
 @torch.inference_mode()
-def generate_side_by_side(model: nn.Module, reference: nn.Module | None, tokenizer, prompts: Sequence[str],
+def generate_side_by_side(model: CausalLM, reference: CausalLM | None, tokenizer, prompts: Sequence[str],
                           max_new_tokens: int = 32) -> list[dict[str, str]]:
     """Greedy continuations of each prompt by ``model`` and ``reference`` (deterministic).
 
@@ -388,7 +389,7 @@ def _synchronize(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def inference_cost(model: nn.Module, vocab: int | Sized | None = None, *, seq_len: int = 512, batch: int = 1,
+def inference_cost(model: CausalLM, vocab: int | Sized | None = None, *, seq_len: int = 512, batch: int = 1,
                    runs: int = 5, warmup: int = 1, seed: int = 0) -> InferenceCost:
     """Parameter counts, weight memory and forward-pass throughput of ``model`` where it is.
 

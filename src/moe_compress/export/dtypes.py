@@ -103,10 +103,10 @@ def main_dtype(files: dict[str, torch.dtype], sizes: dict[str, int] | None, conf
     else float32."""
     if files:
         count: Counter = Counter()
-        for k, dt in files.items():
-            count[dt] += (sizes or {}).get(k, 1)
+        for k, file_dtype in files.items():
+            count[file_dtype] += (sizes or {}).get(k, 1)
         return count.most_common(1)[0][0]
-    dt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    dt: object = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(dt, str):
         dt = getattr(torch, dt, None)
     return dt if isinstance(dt, torch.dtype) and dt.is_floating_point else torch.float32
@@ -160,5 +160,5 @@ def written_summary(folder: Path) -> tuple[int, dict[str, int]]:
     from moe_compress.models.lazy import SafetensorsFolder
 
     files = SafetensorsFolder(folder)
-    count = Counter(_name(files.dtype(k)) if files.dtype(k) is not None else files.entries[k][1] for k in files.keys())
+    count = Counter(_name(dt) if (dt := files.dtype(k)) is not None else files.entries[k][1] for k in files.keys())
     return sum(math.prod(files.shape(k)) for k in files.keys()), dict(sorted(count.items()))

@@ -11,19 +11,29 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from moe_compress.errors import UserError
 from moe_compress.models.layer import ExpertSet, MoELayer
+from moe_compress.models.loading import CausalLM
+
+if TYPE_CHECKING:
+    from moe_compress.calibration.data import CalibrationSet
+    from moe_compress.models.registry import Adapter
+
+Progress = Callable[[str, int, int], None]
 
 
 class Params(BaseModel):
     """Base of every method's parameters: unknown keys are errors, never silently ignored."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+AnyParams = Params  # the base, for annotations inside `Method` (where ``Params`` is its nested class)
 
 
 @dataclass
@@ -87,9 +97,11 @@ class Method:
     name: ClassVar[str]
     kind: ClassVar[Literal["prune", "merge"]]
     summary: ClassVar[str]
-    needs: ClassVar[frozenset[str]] = frozenset()  # statistics the method reads
+    # `needs` and `needs_data` are class defaults that an instance may change from its parameters (stun with
+    # unstructured_sparsity > 0 reads calibration data): ask the instance, not the class
+    needs: frozenset[str] = frozenset()            # statistics the method reads
     needs_inputs: ClassVar[bool] = False           # wants the MoE inputs of calibration tokens
-    needs_data: ClassVar[bool] = True              # False: runs without calibration data
+    needs_data: bool = True                        # False: runs without calibration data
     # True: every expert is kept and the budget (--experts N / --ratio R) is a share of the routed experts'
     # parameters (N / E of them); the method narrows the experts instead (``ctx.n_experts`` = N)
     keeps_experts: ClassVar[bool] = False
@@ -101,6 +113,10 @@ class Method:
 
     class Params(Params):
         pass
+
+    # each subclass narrows this to its own ``Params`` (``params: Params`` after the nested class; a base
+    # class of other methods to the base of their parameters, e.g. ``params: PruneParams``)
+    params: AnyParams
 
     def __init__(self, **params: Any):
         try:
@@ -124,7 +140,8 @@ class Method:
         """True when `refine` wants the original model next to the compressed one."""
         return False
 
-    def refine(self, student, teacher, adapter, calib, *, device, seed: int = 0, progress=None) -> dict | None:
+    def refine(self, student: CausalLM, teacher: CausalLM | None, adapter: Adapter, calib: CalibrationSet | None,
+               *, device: str | torch.device, seed: int = 0, progress: Progress | None = None) -> dict | None:
         """An optional stage after every MoE layer was compressed and written (``student``, in place), e.g.
         distillation against the original model ``teacher`` on the calibration set ``calib``. Returns a
         JSON-able record for compression.json, or None when the method has no such stage."""

@@ -13,7 +13,7 @@ this view: methods never touch them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -59,15 +59,18 @@ class ExpertWeights:
 
     def select(self, idx: torch.Tensor | list[int]) -> "ExpertWeights":
         """The experts at ``idx`` (in that order), as new tensors."""
-        idx = torch.as_tensor(idx, dtype=torch.long, device=self.gate.device)
-        pick = lambda t: None if t is None else t.index_select(0, idx).clone()  # noqa: E731
-        return ExpertWeights(pick(self.gate), pick(self.up), pick(self.down),
-                             pick(self.gate_bias), pick(self.up_bias), pick(self.down_bias))
+        index = torch.as_tensor(idx, dtype=torch.long, device=self.gate.device)
+        return self.map(lambda t: t.index_select(0, index).clone())
 
-    def to(self, **kw) -> "ExpertWeights":
-        conv = lambda t: None if t is None else t.to(**kw)  # noqa: E731
-        return ExpertWeights(conv(self.gate), conv(self.up), conv(self.down),
-                             conv(self.gate_bias), conv(self.up_bias), conv(self.down_bias))
+    def to(self, **kw: Any) -> "ExpertWeights":
+        """Every tensor through ``Tensor.to(**kw)`` (dtype, device)."""
+        return self.map(lambda t: t.to(**kw))
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "ExpertWeights":
+        """A new `ExpertWeights` of ``fn`` applied to each tensor (the absent biases stay None)."""
+        opt = lambda t: None if t is None else fn(t)  # noqa: E731
+        return ExpertWeights(fn(self.gate), fn(self.up), fn(self.down),
+                             opt(self.gate_bias), opt(self.up_bias), opt(self.down_bias))
 
 
 @dataclass

@@ -34,13 +34,16 @@ import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator, Literal
 
 import torch
 
 from moe_compress.calibration.runner import LayerSource
 from moe_compress.errors import UserError
 from moe_compress.models.registry import Adapter, get_adapter
+
+if TYPE_CHECKING:
+    import ctypes
 
 
 @dataclass(frozen=True)
@@ -77,17 +80,19 @@ def params_on_meta() -> Iterator[None]:
     """Inside, every parameter a module registers is moved to the meta device (buffers stay where they are)."""
     old = torch.nn.Module.register_parameter
 
-    def register(module, name, param):
+    def register(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
         old(module, name, param)
         if param is not None and param.device.type != "meta":
             p = module._parameters[name]
+            assert p is not None  # registered just above
             module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
 
-    torch.nn.Module.register_parameter = register
+    # the class's method is replaced for the duration of the block (setattr: mypy rejects assigning a method)
+    setattr(torch.nn.Module, "register_parameter", register)
     try:
         yield
     finally:
-        torch.nn.Module.register_parameter = old
+        setattr(torch.nn.Module, "register_parameter", old)
 
 
 class SafetensorsFolder:
@@ -149,7 +154,8 @@ class SafetensorsFolder:
         if nbytes:
             with open(path, "rb") as fh:
                 fh.seek(offset)
-                view = memoryview(buf.reshape(-1).view(torch.uint8).numpy())
+                # an ndarray is a buffer; numpy's stubs declare __buffer__ only for Python >= 3.12
+                view = memoryview(buf.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
                 if fh.readinto(view) != nbytes:
                     raise UserError(f"{path.name} is truncated (tensor {key})")
         if not direct:
@@ -173,7 +179,7 @@ def _return_freed_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
-_LIBC = None
+_LIBC: ctypes.CDLL | Literal[False] | None = None  # None: not tried yet; False: no glibc here
 
 
 def _disk_to_memory(name: str, names: DiskNames) -> str:

@@ -9,10 +9,19 @@ from __future__ import annotations
 import re
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from moe_compress.errors import UserError
+
+# transformers objects at our type boundaries. A model's family-specific attributes (``model.model.layers``,
+# ``get_input_embeddings().weight``, ``generate``) resolve at runtime through `torch.nn.Module.__getattr__`, a
+# config's fields through `PretrainedConfig`'s attribute map: no static type describes them, so these are `Any`,
+# named so that signatures still say what they expect.
+CausalLM = Any   # a transformers causal LM (what `load_model` returns)
+Config = Any     # a transformers `PretrainedConfig`
+Tokenizer = Any  # a transformers tokenizer
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 REPO_TESTBEDS = Path(__file__).resolve().parents[3] / "testbeds"
@@ -50,7 +59,7 @@ def resolve_model(spec: str) -> str:
     return spec  # a hub id such as mistralai/Mixtral-8x7B-v0.1
 
 
-def load_config(spec: str, trust_remote_code: bool = False):
+def load_config(spec: str, trust_remote_code: bool = False) -> Config:
     from transformers import AutoConfig
 
     try:
@@ -62,7 +71,7 @@ def load_config(spec: str, trust_remote_code: bool = False):
 
 
 def load_model(spec: str, dtype: torch.dtype | str = torch.float32, device: str = "cpu",
-               trust_remote_code: bool = False):
+               trust_remote_code: bool = False) -> CausalLM:
     """Load a causal LM from safetensors weights in eval mode."""
     from transformers import AutoModelForCausalLM
 
@@ -72,7 +81,7 @@ def load_model(spec: str, dtype: torch.dtype | str = torch.float32, device: str 
     from safetensors import SafetensorError
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+        model: CausalLM = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
                                                      trust_remote_code=trust_remote_code)
     except SafetensorError as e:  # a truncated or corrupt weights file
         raise UserError(f"cannot read the weights of {spec} ({str(e).splitlines()[0]}): a file is damaged or "
@@ -82,7 +91,7 @@ def load_model(spec: str, dtype: torch.dtype | str = torch.float32, device: str 
     return model.to(device).eval()
 
 
-def load_tokenizer(spec: str, trust_remote_code: bool = False):
+def load_tokenizer(spec: str, trust_remote_code: bool = False) -> Tokenizer:
     from transformers import AutoTokenizer
 
     try:

@@ -7,30 +7,31 @@ One `ArchSpec` row per supported ``config.model_type``; `get_adapter` turns a mo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import torch
 
 from moe_compress.errors import UserError
 from moe_compress.models.layer import Activation, ExpertWeights, MoELayer, clamped_swiglu, swiglu
+from moe_compress.models.loading import Config
 from moe_compress.models.routing import RoutingRule
 
 Layout = Literal["fused", "gpt_oss"]
 
 
-def _softmax_topk(cfg, renorm: bool | None = None) -> RoutingRule:
+def _softmax_topk(cfg: Config, renorm: bool | None = None) -> RoutingRule:
     return RoutingRule("softmax_topk", cfg.num_experts_per_tok,
                        renormalize=bool(cfg.norm_topk_prob) if renorm is None else renorm)
 
 
-def _deepseek_v2(cfg) -> RoutingRule:
+def _deepseek_v2(cfg: Config) -> RoutingRule:
     grouped = getattr(cfg, "topk_method", "greedy") == "group_limited_greedy"
     return RoutingRule("softmax_group", cfg.num_experts_per_tok, scaling=float(cfg.routed_scaling_factor),
                        n_group=int(cfg.n_group) if grouped else 1,
                        topk_group=int(cfg.topk_group) if grouped else 1)
 
 
-def _deepseek_v3(cfg) -> RoutingRule:
+def _deepseek_v3(cfg: Config) -> RoutingRule:
     return RoutingRule("sigmoid_group", cfg.num_experts_per_tok, renormalize=bool(cfg.norm_topk_prob),
                        scaling=float(cfg.routed_scaling_factor), n_group=int(cfg.n_group or 1),
                        topk_group=int(cfg.topk_group or 1))
@@ -42,7 +43,7 @@ class ArchSpec:
 
     model_type: str
     count_field: str
-    rule: Callable[[object], RoutingRule]
+    rule: Callable[[Config], RoutingRule]
     router_attr: str = "gate"
     layout: Layout = "fused"
     shared_attrs: tuple[str, ...] = ()
@@ -69,7 +70,7 @@ ARCHS: dict[str, ArchSpec] = {s.model_type: s for s in [
 SUPPORTED = ", ".join(sorted(ARCHS))
 
 
-def resolve_count_field(config, name: str) -> str:
+def resolve_count_field(config: Config, name: str) -> str:
     """Follow ``config.attribute_map`` aliases to the attribute that really stores the value."""
     amap = getattr(config, "attribute_map", {}) or {}
     seen = set()
@@ -82,7 +83,7 @@ def resolve_count_field(config, name: str) -> str:
 class Adapter:
     """Uniform access to the MoE blocks of one model family."""
 
-    def __init__(self, spec: ArchSpec, config):
+    def __init__(self, spec: ArchSpec, config: Config):
         self.spec = spec
         self.config = config
 
@@ -122,30 +123,32 @@ class Adapter:
 
     # -- modules ------------------------------------------------------------------------------------------
     @staticmethod
-    def decoder_layers(model) -> torch.nn.ModuleList:
-        base = getattr(model, "model", model)
+    def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+        base: Any = getattr(model, "model", model)
         return base.layers
 
-    def moe_blocks(self, model) -> dict[int, torch.nn.Module]:
+    def moe_blocks(self, model: torch.nn.Module) -> dict[int, torch.nn.Module]:
         """{decoder layer index: MoE block} for the layers that hold routed experts."""
-        out = {}
+        out: dict[int, torch.nn.Module] = {}
         for i, layer in enumerate(self.decoder_layers(model)):
             block = getattr(layer, "mlp", None)
             if block is not None and hasattr(block, "experts") and hasattr(block.experts, "down_proj"):
                 out[i] = block
         return out
 
-    def router(self, block) -> torch.nn.Module:
+    def router(self, block: torch.nn.Module) -> Any:
+        """The block's router module (its ``weight`` and, by family, ``bias``/``e_score_correction_bias``)."""
         return getattr(block, self.spec.router_attr)
 
-    def activation(self, block) -> Activation:
+    def activation(self, block: torch.nn.Module) -> Activation:
         if self.spec.layout == "gpt_oss":
-            return clamped_swiglu(float(block.experts.alpha), float(block.experts.limit))
+            ex: Any = block.experts
+            return clamped_swiglu(float(ex.alpha), float(ex.limit))
         return swiglu
 
-    def read_experts(self, block) -> ExpertWeights:
+    def read_experts(self, block: torch.nn.Module) -> ExpertWeights:
         """Views of the block's expert tensors in the canonical [E,I,H]/[E,H,I] layout."""
-        ex = block.experts
+        ex: Any = block.experts
         if self.spec.layout == "fused":
             inter = ex.down_proj.shape[-1]
             return ExpertWeights(ex.gate_up_proj[:, :inter], ex.gate_up_proj[:, inter:], ex.down_proj)
@@ -153,7 +156,7 @@ class Adapter:
         return ExpertWeights(gu[..., 0::2].transpose(1, 2), gu[..., 1::2].transpose(1, 2),
                              ex.down_proj.transpose(1, 2), gub[:, 0::2], gub[:, 1::2], ex.down_proj_bias)
 
-    def layer(self, model, index: int, block=None) -> MoELayer:
+    def layer(self, model: torch.nn.Module, index: int, block: torch.nn.Module | None = None) -> MoELayer:
         block = block if block is not None else self.moe_blocks(model)[index]
         router = self.router(block)
         return MoELayer(
@@ -168,15 +171,15 @@ class Adapter:
             router_fp32=self.spec.router_fp32,
         )
 
-    def layers(self, model) -> list[MoELayer]:
+    def layers(self, model: torch.nn.Module) -> list[MoELayer]:
         return [self.layer(model, i, b) for i, b in self.moe_blocks(model).items()]
 
 
-def get_adapter(model_or_config) -> Adapter:
+def get_adapter(model_or_config: torch.nn.Module | Config) -> Adapter:
     """The adapter for a model or config; a clear `UserError` for dense or unsupported models."""
     config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "model_type", None)
-    spec = ARCHS.get(model_type)
+    spec = ARCHS.get(model_type) if isinstance(model_type, str) else None
     if spec is None:
         raise UserError(f"model type {model_type!r} is not a supported MoE architecture "
                         f"(supported: {SUPPORTED})")

@@ -9,6 +9,7 @@ config field the family really uses. DeepSeek group-limited routing also needs E
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 
@@ -54,12 +55,12 @@ def keep_set(layer: MoELayer, kept: list[int], rule: RoutingRule | None = None) 
     )
 
 
-def keep_sets(adapter: Adapter, model, keep: dict[int, list[int]]) -> dict[int, ExpertSet]:
+def keep_sets(adapter: Adapter, model: torch.nn.Module, keep: dict[int, list[int]]) -> dict[int, ExpertSet]:
     """{layer: ExpertSet} keeping the listed original experts of every MoE layer."""
     return {layer.index: keep_set(layer, keep[layer.index]) for layer in adapter.layers(model)}
 
 
-def keep_experts(adapter: Adapter, model, keep: dict[int, list[int]]) -> None:
+def keep_experts(adapter: Adapter, model: torch.nn.Module, keep: dict[int, list[int]]) -> None:
     """Prune in place: layer index -> original experts to keep (same count in every MoE layer)."""
     replace_experts(adapter, model, keep_sets(adapter, model, keep))
 
@@ -81,7 +82,7 @@ def pruned_copy(adapter: Adapter, model, keep: dict[int, list[int]]):
     return new
 
 
-def replace_experts(adapter: Adapter, model, sets: dict[int, ExpertSet]) -> None:
+def replace_experts(adapter: Adapter, model: torch.nn.Module, sets: dict[int, ExpertSet]) -> None:
     """Replace the routed experts and router rows of every MoE layer by ``sets`` (in place).
 
     Every MoE layer must be given, all with the same count E'. Shared experts are not touched. Parameters keep
@@ -106,16 +107,19 @@ def _param_like(value: torch.Tensor, like: torch.Tensor) -> torch.nn.Parameter:
                               requires_grad=like.requires_grad)
 
 
-def write_block(adapter: Adapter, block, s: ExpertSet) -> None:
+def write_block(adapter: Adapter, block: torch.nn.Module, s: ExpertSet) -> None:
     """Write one MoE block's new experts and router rows. Callers update the config count afterwards
     (`Adapter.set_n_experts`) once every block has the same count."""
-    ex, router = block.experts, adapter.router(block)
+    ex: Any = block.experts  # the family's experts module (attributes by layout, see `Adapter.read_experts`)
+    router = adapter.router(block)
     w: ExpertWeights = s.experts
     n = w.n_experts
     if adapter.spec.layout == "fused":
         ex.gate_up_proj = _param_like(torch.cat([w.gate, w.up], dim=1), ex.gate_up_proj)
         ex.down_proj = _param_like(w.down, ex.down_proj)
     else:  # gpt_oss: gate/up interleaved on the last axis, [E, H, 2I]; down [E, I, H]
+        if w.gate_bias is None or w.up_bias is None or w.down_bias is None:
+            raise ValueError("gpt_oss experts have biases: the expert set must give gate_bias, up_bias and down_bias")
         gu = torch.stack([w.gate.transpose(1, 2), w.up.transpose(1, 2)], dim=-1).flatten(-2)
         gub = torch.stack([w.gate_bias, w.up_bias], dim=-1).flatten(-2)
         ex.gate_up_proj = _param_like(gu, ex.gate_up_proj)
@@ -133,7 +137,7 @@ def write_block(adapter: Adapter, block, s: ExpertSet) -> None:
         router.e_score_correction_bias = new.detach().to(dtype=old.dtype, device=old.device).clone()
     for module in (block, router, ex):
         if hasattr(module, "num_experts"):
-            module.num_experts = n
+            setattr(module, "num_experts", n)
     for attr in ("intermediate_dim", "intermediate_size"):  # cached widths (not read by the forward passes)
         if isinstance(getattr(ex, attr, None), int):
             setattr(ex, attr, w.gate.shape[1])

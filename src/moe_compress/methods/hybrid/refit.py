@@ -51,19 +51,24 @@ visible in compression.json.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import Field
 
 from moe_compress.errors import UserError
-from moe_compress.methods.base import LayerContext, LayerPlan, Method, get_method, register
+from moe_compress.methods.base import LayerContext, LayerPlan, Method, Progress, get_method, register
 from moe_compress.methods.hybrid.distill import distill
 from moe_compress.methods.pruning.base import PruneParams, check_target, rounded
 from moe_compress.methods.reconstruction import original_output, relative_error
 from moe_compress.models.layer import ExpertSet, ExpertWeights, MoELayer, expert_forward
+from moe_compress.models.loading import CausalLM
+from moe_compress.models.registry import Adapter
 from moe_compress.models.routing import route
 from moe_compress.models.surgery import keep_set
+
+if TYPE_CHECKING:
+    from moe_compress.calibration.data import CalibrationSet
 
 RIDGE_GRID = (0.03, 0.1, 0.3, 1.0)
 AUTO_RIDGE_FALLBACK = 0.1  # ridge="auto" with holdout=0
@@ -307,7 +312,7 @@ def fold_experts(layer: MoELayer, x: torch.Tensor, groups: dict[int, list[int]])
         gate.append(torch.cat([w.gate[m][j] for m, j in pick]))
         up.append(torch.cat([w.up[m][j] for m, j in pick]))
         down.append(torch.cat([w.down[m][:, j] for m, j in pick], dim=1))
-        if w.gate_bias is not None:
+        if w.gate_bias is not None and w.up_bias is not None:  # gpt_oss: gate and up biases
             gb.append(torch.cat([w.gate_bias[m][j] for m, j in pick]))
             ub.append(torch.cat([w.up_bias[m][j] for m, j in pick]))
         if w.down_bias is not None:
@@ -358,6 +363,8 @@ class Refit(Method):
         distill_every: int = Field(25, ge=1)         # held-out check interval (steps)
         distill_schedule: Literal["constant", "cosine"] = "constant"  # step size over the steps (distill.py)
 
+    params: Params
+
     def __init__(self, **params):
         super().__init__(**params)
         if self.params.merge is not None:
@@ -374,11 +381,13 @@ class Refit(Method):
     def needs_teacher(self) -> bool:
         return self.params.distill_steps > 0
 
-    def refine(self, student, teacher, adapter, calib, *, device, seed: int = 0, progress=None) -> dict | None:
+    def refine(self, student: CausalLM, teacher: CausalLM | None, adapter: Adapter, calib: CalibrationSet | None,
+               *, device: str | torch.device, seed: int = 0, progress: Progress | None = None) -> dict | None:
         """Distillation of the compressed model against the original (``distill_steps`` > 0): `distill`."""
         p = self.params
         if not p.distill_steps:
             return None
+        assert teacher is not None and calib is not None  # needs_teacher and needs_data: the pipeline gave both
         return distill(student, teacher, adapter, calib.input_ids, calib.attention_mask, params=p.distill_params,
                        steps=p.distill_steps, lr=p.distill_lr, batch_rows=p.distill_batch, every=p.distill_every,
                        schedule=p.distill_schedule, seed=seed, device=device, progress=progress)
@@ -503,11 +512,14 @@ class Refit(Method):
                                       w.down_bias)
                     errors["down" + tag] = relative_error(output(w, rw, rb, x_all)[0], y_all)
         dtype = base.experts.down.dtype
+        if rb is not None:
+            assert base.router_bias is not None  # rb is base.router_bias, refitted
+            rb = rb.to(base.router_bias.dtype)
         new = ExpertSet(experts=ExpertWeights(w.gate.to(dtype) if tuned else base.experts.gate,
                                               w.up.to(dtype) if tuned else base.experts.up, w.down.to(dtype),
                                               base.experts.gate_bias, base.experts.up_bias, base.experts.down_bias),
                         router_weight=rw.to(base.router_weight.dtype),
-                        router_bias=None if rb is None else rb.to(base.router_bias.dtype),
+                        router_bias=rb,
                         correction_bias=base.correction_bias, sources=base.sources)
         info = {"fit_tokens": int(x_all.shape[0]), "heldout_tokens": int(n_hold), "ridge": best if p.refit_down
                 else None, "heldout_by_ridge": ridge_info,

@@ -53,8 +53,7 @@ def align_groups(w: ExpertWeights, groups: list[list[int]], refs: list[int]) -> 
     """A copy of ``w`` where every member of each group (except its reference ``refs[g]``) is permuted onto the
     reference. Returns (aligned weights, {expert: number of neurons moved}). Singleton groups are untouched."""
     touched = sorted({e for g in groups if len(g) > 1 for e in g})
-    out = ExpertWeights(*(None if t is None else t.detach().clone() for t in
-                          (w.gate, w.up, w.down, w.gate_bias, w.up_bias, w.down_bias)))
+    out = w.map(lambda t: t.detach().clone())
     moved: dict[int, int] = {}
     if not touched:
         return out, moved

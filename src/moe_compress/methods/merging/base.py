@@ -13,7 +13,7 @@ refit, whitening and the routing-mass measurement.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Callable, Literal
 
 import torch
 from pydantic import Field
@@ -29,6 +29,9 @@ from moe_compress.methods.merging.router import RouterRule, adapt_router, routin
 from moe_compress.models.layer import ExpertSet, ExpertWeights
 
 SimilarityKind = Literal["output", "router", "weight", "output_mean"]
+# (ctx, weights, groups, merge weights, x) -> (merged experts, info): `MergeMethod.merge_experts`
+MergeFn = Callable[[LayerContext, ExpertWeights, list[list[int]], list[torch.Tensor], torch.Tensor | None],
+                   tuple[ExpertWeights, dict]]
 
 
 class MergeParams(Params):
@@ -69,7 +72,9 @@ class MergeMethod(Method):
     class Params(MergeParams):
         pass
 
-    def __init__(self, **params):
+    params: MergeParams  # subclasses narrow it to their own Params
+
+    def __init__(self, **params: Any):
         super().__init__(**params)
         kind = getattr(self.params, "similarity", None)
         stat = stat_for(kind) if kind else None
@@ -99,7 +104,7 @@ class MergeMethod(Method):
 
 @torch.no_grad()
 def merge_plan(ctx: LayerContext, groups: list[list[int]], params: MergeParams, freq: torch.Tensor,
-               x: torch.Tensor | None, merge_fn=None, extra_info: dict | None = None) -> LayerPlan:
+               x: torch.Tensor | None, merge_fn: MergeFn | None = None, extra_info: dict | None = None) -> LayerPlan:
     """Merge the given groups of ``ctx.layer`` into one expert each (in the given order) and adapt the router.
 
     ``merge_fn(ctx, weights, groups, merge_weights, x) -> (ExpertWeights, info)`` defaults to the

@@ -40,35 +40,37 @@ class Signal:
     similarity: torch.Tensor | None = None
     features: torch.Tensor | None = None
 
-    def __post_init__(self):
-        if (self.similarity is None) == (self.features is None):
-            raise ValueError("a Signal has exactly one of similarity or features")
-        if self.similarity is not None:
+    def __post_init__(self) -> None:
+        if self.similarity is not None and self.features is None:
             s = self.similarity.detach().double().cpu()
             self.similarity = (s + s.T) / 2
-        else:
+        elif self.features is not None and self.similarity is None:
             self.features = self.features.detach().double().cpu()
+        else:
+            raise ValueError("a Signal has exactly one of similarity or features")
 
     @property
     def n(self) -> int:
-        return (self.similarity if self.similarity is not None else self.features).shape[0]
+        return self.points().shape[0]
 
     def sub(self, idx: list[int]) -> "Signal":
         i = torch.as_tensor(idx, dtype=torch.long)
         if self.similarity is not None:
             return Signal(similarity=self.similarity[i][:, i])
-        return Signal(features=self.features[i])
+        return Signal(features=self.points()[i])
 
     def points(self) -> torch.Tensor:
         """[E, D] points for k-means: the features, or the similarity rows."""
-        return self.features if self.features is not None else self.similarity
+        t = self.features if self.features is not None else self.similarity
+        assert t is not None  # __post_init__: exactly one is set
+        return t
 
     def distances(self) -> torch.Tensor:
         """[E, E] symmetric distances with zero diagonal: Euclidean on features, or 1 - S (clipped at 0)."""
         if self.features is not None:
             d = torch.cdist(self.features, self.features)
         else:
-            d = (1.0 - self.similarity).clamp(min=0.0)
+            d = (1.0 - self.points()).clamp(min=0.0)
         d = (d + d.T) / 2
         return d.fill_diagonal_(0.0)
 
@@ -137,10 +139,11 @@ def kmeans(points: torch.Tensor, k: int, generator: torch.Generator | None = Non
     if k == n:
         return torch.arange(n)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
-    best, best_inertia = None, float("inf")
+    best: torch.Tensor | None = None
+    best_inertia = float("inf")
     for _ in range(max(1, n_init)):
         centres = _kmeanspp(x, k, gen)
-        labels = None
+        labels: torch.Tensor | None = None
         for _ in range(max_iter):
             d2 = _sqdist(x, centres)
             new = _fill_empty(d2.argmin(dim=1), d2, k)
@@ -149,9 +152,11 @@ def kmeans(points: torch.Tensor, k: int, generator: torch.Generator | None = Non
             labels = new
             onehot = torch.zeros(n, k, dtype=torch.float64).scatter_(1, labels[:, None], 1.0)
             centres = (onehot.T @ x) / onehot.sum(0)[:, None]
+        assert labels is not None, "k-means needs max_iter >= 1"
         inertia = float(_sqdist(x, centres).gather(1, labels[:, None]).sum())
         if inertia < best_inertia - 1e-12 * max(1.0, abs(best_inertia)) or best is None:
             best, best_inertia = labels, inertia
+    assert best is not None  # at least one restart
     return canonical_labels(best)
 
 
@@ -170,8 +175,8 @@ def hierarchical(distances: torch.Tensor, k: int, linkage: Linkage = "average") 
     if k == n:
         return torch.arange(n)
     d = distances.detach().double().cpu()
-    d = ((d + d.T) / 2).fill_diagonal_(0.0).clamp(min=0.0).numpy()
-    tree = scipy_linkage(squareform(d, checks=False), method=linkage)
+    condensed = squareform(((d + d.T) / 2).fill_diagonal_(0.0).clamp(min=0.0).numpy(), checks=False)
+    tree = scipy_linkage(condensed, method=linkage)
     parent = list(range(2 * n - 1))
 
     def find(a: int) -> int:

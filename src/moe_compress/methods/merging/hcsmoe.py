@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from moe_compress.methods.base import register
+import torch
+
+from moe_compress.methods.base import LayerContext, register
 from moe_compress.methods.merging.base import MergeMethod, MergeParams, similarity_signal
 from moe_compress.methods.merging.grouping import group_experts
 
@@ -23,7 +25,9 @@ class HCSMoE(MergeMethod):
         similarity: Literal["output_mean", "output", "router", "weight"] = "output_mean"
         linkage: Literal["average", "single", "complete"] = "average"
 
-    def group(self, ctx, freq, x):
+    params: Params
+
+    def group(self, ctx: LayerContext, freq: torch.Tensor, x: torch.Tensor | None) -> tuple[list[list[int]], dict]:
         signal = similarity_signal(self.params.similarity, ctx, x)
         groups = group_experts(signal, ctx.n_experts, "hierarchical", n_group=ctx.layer.rule.n_group,
                                linkage=self.params.linkage)

@@ -50,7 +50,7 @@ densely (same size), so truncation changes the weights, not the checkpoint size.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, Sequence, cast, overload
 
 import torch
 
@@ -74,6 +74,14 @@ def group_weights(freq: torch.Tensor, groups: list[list[int]],
         else:
             out.append(fg / fg.sum())
     return out
+
+
+@overload
+def average(t: torch.Tensor, groups: list[list[int]], weights: list[torch.Tensor]) -> torch.Tensor: ...
+@overload
+def average(t: None, groups: list[list[int]], weights: list[torch.Tensor]) -> None: ...
+@overload
+def average(t: torch.Tensor | None, groups: list[list[int]], weights: list[torch.Tensor]) -> torch.Tensor | None: ...
 
 
 def average(t: torch.Tensor | None, groups: list[list[int]], weights: list[torch.Tensor]) -> torch.Tensor | None:
@@ -109,8 +117,7 @@ def average(t: torch.Tensor | None, groups: list[list[int]], weights: list[torch
 
 def frequency_average(w: ExpertWeights, groups: list[list[int]], weights: list[torch.Tensor]) -> ExpertWeights:
     """M-SMoE / HC-SMoE merge: every tensor (and bias) of a group averaged with the merge weights (float32)."""
-    return ExpertWeights(*(average(t, groups, weights)
-                           for t in (w.gate, w.up, w.down, w.gate_bias, w.up_bias, w.down_bias)))
+    return w.map(lambda t: average(t, groups, weights))
 
 
 def projection_rank(out_dim: int, in_dim: int, rank_ratio: float) -> int | None:
@@ -131,7 +138,7 @@ GRAM_BATCH_ELEMENTS = 1 << 29  # members' elements (gram_dtype) stacked at once:
 
 
 def subspace_project(members: list[torch.Tensor], merged: torch.Tensor, rank: int | None,
-                     moments: list[torch.Tensor | None] | None = None,
+                     moments: Sequence[torch.Tensor | None] | None = None,
                      gram_dtype: torch.dtype = torch.float64, *, svd: SvdMode = "exact",
                      oversample: int = 256, power_iters: int = 2, seed: int = 0,
                      errors: list[dict | None] | None = None) -> torch.Tensor:
@@ -178,7 +185,9 @@ def subspace_project(members: list[torch.Tensor], merged: torch.Tensor, rank: in
             w = torch.stack([members[g].to(device=device, dtype=gram_dtype) for g in part])  # [b, n, out, in]
             c = None
             if white:
-                c = _damped(torch.stack([moments[g].to(device=device, dtype=gram_dtype) for g in part]))
+                # white: every moment of this batch is set
+                c = _damped(torch.stack([cast(torch.Tensor, moments[g]).to(device=device, dtype=gram_dtype)
+                                         for g in part]))
             m = merged[part].to(gram_dtype)                                                    # [b, out, in]
             rnd = None
             if svd == "randomized":
@@ -415,41 +424,49 @@ def submoe_merge(w: ExpertWeights, groups: list[list[int]], weights: list[torch.
             "max_rank": min(inter, hidden), "whiten": bool(whiten and (r_in is not None or r_down is not None))}
     if r_in is None and r_down is None:
         return avg, info
-    if whiten and (group_inputs is None or activation is None):
-        raise ValueError("whitened Sub-MoE needs the group inputs and the activation")
     k = len(groups)
     device = w.gate.device
     has_bias = w.gate_bias is not None
-    pick = lambda t, g: None if t is None else t.detach()[g].to(gram_dtype)  # noqa: E731
-    xs = [None] * k if not whiten else [x.to(device) for x in group_inputs]
+    xs: list[torch.Tensor] = []
+    if whiten:
+        if group_inputs is None or activation is None:
+            raise ValueError("whitened Sub-MoE needs the group inputs and the activation")
+        xs = [x.to(device) for x in group_inputs]
+
+    def pick(t: torch.Tensor, g: list[int]) -> torch.Tensor:
+        return t.detach()[g].to(gram_dtype)
+
+    def pick_bias(b: torch.Tensor | None, g: list[int]) -> torch.Tensor | None:
+        return None if b is None else pick(b, g)
 
     # gate and up: one batch of 2k projections sharing the input moment of their group
-    in_moments = [None] * k if not whiten else [_moment(x, has_bias) for x in xs]
-    members = [_augment(pick(w.gate, g), pick(w.gate_bias, g)) for g in groups]
-    members += [_augment(pick(w.up, g), pick(w.up_bias, g)) for g in groups]
+    in_moments: Sequence[torch.Tensor | None] | None = [_moment(x, has_bias) for x in xs] * 2 if whiten else None
+    members = [_augment(pick(w.gate, g), pick_bias(w.gate_bias, g)) for g in groups]
+    members += [_augment(pick(w.up, g), pick_bias(w.up_bias, g)) for g in groups]
     merged = torch.cat([_augment(avg.gate, avg.gate_bias), _augment(avg.up, avg.up_bias)])
-    rkw = dict(svd=svd, oversample=oversample, power_iters=power_iters)
-    errs_in: list = []
-    proj = subspace_project(members, merged, r_in, in_moments * 2 if whiten else None, gram_dtype, seed=seed,
-                            errors=errs_in, **rkw)
+    errs_in: list[dict | None] = []
+    proj = subspace_project(members, merged, r_in, in_moments, gram_dtype, seed=seed, errors=errs_in, svd=svd,
+                            oversample=oversample, power_iters=power_iters)
     gate, up = proj[:k], proj[k:]
     gate_b = up_b = None
     if has_bias:
         gate, gate_b, up, up_b = gate[..., :-1], gate[..., -1], up[..., :-1], up[..., -1]
 
     # down: whitened by the merged expert's own activations on the group's tokens
-    down_moments = None
+    down_moments: list[torch.Tensor | None] | None = None
     if whiten:
+        assert activation is not None  # checked above
         down_moments = []
         for j, x in enumerate(xs):
             xf = x.float()
             g_pre = xf @ gate[j].T + (0 if gate_b is None else gate_b[j])
             u_pre = xf @ up[j].T + (0 if up_b is None else up_b[j])
             down_moments.append(_moment(activation(g_pre, u_pre), w.down_bias is not None))
-    members = [_augment(pick(w.down, g), pick(w.down_bias, g)) for g in groups]
-    errs_down: list = []
+    members = [_augment(pick(w.down, g), pick_bias(w.down_bias, g)) for g in groups]
+    errs_down: list[dict | None] = []
     down = subspace_project(members, _augment(avg.down, avg.down_bias), r_down, down_moments, gram_dtype,
-                            seed=seed + 1, errors=errs_down, **rkw)
+                            seed=seed + 1, errors=errs_down, svd=svd, oversample=oversample,
+                            power_iters=power_iters)
     info["svd"] = ({"mode": "randomized", "oversample": oversample, "power_iters": power_iters, "seed": seed}
                    if svd == "randomized" else {"mode": "exact"})
     info["svd_error"] = {name: _worst(e) for name, e in

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from moe_compress.methods.base import register
+import torch
+
+from moe_compress.methods.base import LayerContext, register
 from moe_compress.methods.merging.base import MergeMethod, MergeParams, similarity_signal
 from moe_compress.methods.merging.grouping import group_experts
 
@@ -25,7 +27,9 @@ class MSMoE(MergeMethod):
     class Params(MergeParams):
         similarity: Literal["router", "output", "weight", "output_mean"] = "router"
 
-    def group(self, ctx, freq, x):
+    params: Params
+
+    def group(self, ctx: LayerContext, freq: torch.Tensor, x: torch.Tensor | None) -> tuple[list[list[int]], dict]:
         signal = similarity_signal(self.params.similarity, ctx, x)
         groups = group_experts(signal, ctx.n_experts, "dominant", n_group=ctx.layer.rule.n_group, freq=freq)
         return groups, {"similarity": self.params.similarity, "clustering": "dominant"}

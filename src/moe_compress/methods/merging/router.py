@@ -129,7 +129,7 @@ def adapt_router(layer: MoELayer, groups: list[list[int]], weights: list[torch.T
             g, w = groups[j], weights[j]
             offset[j] = tau * (torch.log(share[g].sum()) - (w * torch.log(share[g])).sum())
         rows.info["offsets"] = [round(float(a), 6) for a in offset]
-        if layer.router_bias is not None:
+        if rows.bias is not None:  # the family has a router bias (rows.bias is its average)
             rows.bias = rows.bias + offset.to(rows.bias.device, torch.float32)
             rows.info["offset_in"] = "router_bias"
             return rows
@@ -144,12 +144,13 @@ def adapt_router(layer: MoELayer, groups: list[list[int]], weights: list[torch.T
             raise UserError("router=lstsq needs calibration inputs (MoE hidden states)")
         x = x.to(w_router.device)
         t, p = target_logits(layer, x, [groups[j] for j in merged])         # [T, m]
-        has_bias = layer.router_bias is not None
+        bias = rows.bias  # the averaged router bias; None when the family has none
+        has_bias = bias is not None
         z = x.double()
         prior = rows.weight[merged].double().T                               # [H, m]
-        if has_bias:
+        if bias is not None:
             z = torch.cat([z, torch.ones(z.shape[0], 1, dtype=z.dtype, device=z.device)], dim=1)
-            prior = torch.cat([prior, rows.bias[merged].double()[None, :]], dim=0)
+            prior = torch.cat([prior, bias[merged].double()[None, :]], dim=0)
         _, d, lam = _ridge_matrix(z, ridge, has_bias)
         omega = p / p.mean(dim=0, keepdim=True).clamp(min=1e-30) + LSTSQ_FLOOR  # [T, m]
         theta = torch.empty_like(prior)
@@ -159,8 +160,8 @@ def adapt_router(layer: MoELayer, groups: list[list[int]], weights: list[torch.T
         idx = torch.tensor(merged, device=rows.weight.device)
         rows.weight = rows.weight.clone()
         rows.weight[idx] = theta[: x.shape[1]].T.float()
-        if has_bias:
-            rows.bias = rows.bias.clone()
+        if bias is not None:
+            rows.bias = bias.clone()
             rows.bias[idx] = theta[-1].float()
         resid = z @ theta - t
         rows.info.update({"lambda": round(lam, 6),

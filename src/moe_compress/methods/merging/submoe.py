@@ -14,20 +14,21 @@ second moments; only matters with truncation), ``align``, ``router``, ``weightin
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 
 from moe_compress.errors import UserError
-from moe_compress.methods.base import register
+from moe_compress.methods.base import LayerContext, register
 from moe_compress.methods.merging.base import MergeMethod, MergeParams, similarity_signal
 from moe_compress.methods.merging.grouping import group_experts
 from moe_compress.methods.merging.merge import submoe_merge
 from moe_compress.methods.merging.oracle import oracle_groups
+from moe_compress.models.layer import ExpertWeights, MoELayer
 
 
-def group_tokens(layer, x: torch.Tensor, groups: list[list[int]]) -> list[torch.Tensor]:
+def group_tokens(layer: MoELayer, x: torch.Tensor, groups: list[list[int]]) -> list[torch.Tensor]:
     """Per group, the tokens of x [T, H] whose original top-k holds a member (all tokens if there are none)."""
     idx, _ = layer.route(x.to(layer.router_weight.device))
     hit = torch.zeros(x.shape[0], layer.n_experts, dtype=torch.bool, device=idx.device)
@@ -58,7 +59,9 @@ class SubMoE(MergeMethod):
         power_iters: int = Field(2, ge=0)                # randomized: q subspace iterations on the Gram
         svd_seed: int = 0                                # randomized: seed of the Gaussian test matrix
 
-    def group(self, ctx, freq, x):
+    params: Params
+
+    def group(self, ctx: LayerContext, freq: torch.Tensor, x: torch.Tensor | None) -> tuple[list[list[int]], dict]:
         p = self.params
         if p.clustering == "oracle":
             if x is None or x.shape[0] == 0:
@@ -70,12 +73,13 @@ class SubMoE(MergeMethod):
         signal = similarity_signal(p.similarity, ctx, x)
         groups = group_experts(signal, ctx.n_experts, p.clustering, n_group=ctx.layer.rule.n_group, freq=freq,
                                generator=ctx.generator, linkage=p.linkage, n_init=p.n_init)
-        info = {"similarity": p.similarity, "clustering": p.clustering}
+        info: dict[str, Any] = {"similarity": p.similarity, "clustering": p.clustering}
         if p.clustering == "hierarchical":
             info["linkage"] = p.linkage
         return groups, info
 
-    def merge_experts(self, ctx, w, groups, weights, x):
+    def merge_experts(self, ctx: LayerContext, w: ExpertWeights, groups: list[list[int]],
+                      weights: list[torch.Tensor], x: torch.Tensor | None) -> tuple[ExpertWeights, dict]:
         p = self.params
         inputs = None
         if p.whiten and p.rank_ratio < 1.0:

@@ -20,6 +20,8 @@ that was never routed on the calibration data has no peak and cannot be detected
 
 from __future__ import annotations
 
+from typing import Any, Iterable
+
 import torch
 
 from moe_compress.errors import UserError
@@ -41,7 +43,7 @@ def super_experts(max_activation: torch.Tensor | None, threshold: float) -> list
     return [int(e) for e in torch.nonzero(max_activation > threshold * med).flatten()]
 
 
-def protected_experts(ctx: LayerContext, params) -> list[int]:
+def protected_experts(ctx: LayerContext, params: PruneParams) -> list[int]:
     """The super experts of this layer that must be kept (empty when ``params.protect_super`` is off).
 
     At most ``ctx.n_experts`` of them, and with DeepSeek groups at most n_keep / n_group per group: the ones
@@ -51,7 +53,7 @@ def protected_experts(ctx: LayerContext, params) -> list[int]:
         return []
     peaks = ctx.stats.get("max_activation")
     supers = super_experts(peaks, params.super_threshold)
-    if not supers:
+    if peaks is None or not supers:  # no peaks, no super experts
         return []
     strength = lambda e: -float(peaks[e])  # noqa: E731
     rule, n = ctx.layer.rule, ctx.layer.n_experts
@@ -64,7 +66,7 @@ def protected_experts(ctx: LayerContext, params) -> list[int]:
     return sorted(kept)
 
 
-def rounded(values) -> list[float]:
+def rounded(values: Iterable[Any]) -> list[float]:
     """Values as JSON floats with 7 significant digits (small errors stay visible, unlike fixed decimals)."""
     return [float(f"{float(v):.7g}") for v in values]
 
@@ -108,6 +110,8 @@ class ScorePruning(Method):
 
     class Params(PruneParams):
         pass
+
+    params: PruneParams  # subclasses narrow it to their own Params
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         raise NotImplementedError

@@ -104,8 +104,9 @@ def recombine(w: ExpertWeights, kept: list[int], dropped: list[int], target: tor
     out.gate = merge(out.gate, dropped_w.gate)
     out.up = merge(out.up, dropped_w.up)
     out.down = merge(out.down.transpose(1, 2), dropped_w.down.transpose(1, 2)).transpose(1, 2).contiguous()
-    if out.gate_bias is not None:
+    if out.gate_bias is not None and dropped_w.gate_bias is not None:  # gpt_oss: gate and up biases
         out.gate_bias = merge(out.gate_bias[:, :, None], dropped_w.gate_bias[:, :, None])[:, :, 0]
+    if out.up_bias is not None and dropped_w.up_bias is not None:
         out.up_bias = merge(out.up_bias[:, :, None], dropped_w.up_bias[:, :, None])[:, :, 0]
     return out
 
@@ -121,6 +122,8 @@ class DERN(ScorePruning):
         select: Literal["soft_count", "frequency"] = "soft_count"   # router statistic that picks the kept experts
         min_similarity: float = Field(0.0, ge=-1.0)                  # segments less similar than this are discarded
         weighting: Literal["frequency", "uniform"] = "frequency"     # merge weight of each expert's neurons
+
+    params: Params
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         return ctx.stats[self.params.select]

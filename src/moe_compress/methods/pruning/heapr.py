@@ -51,11 +51,16 @@ def keep_width(n_budget: int, n_experts: int, width: int, multiple: int = 8) -> 
 def narrow(layer: MoELayer, keep: torch.Tensor) -> ExpertSet:
     """Every expert of ``layer`` with only its neurons ``keep`` [E, I'] (sorted per row); router unchanged."""
     w = layer.experts
-    pick_rows = lambda t: None if t is None else torch.gather(  # noqa: E731  [E, I, ...] -> [E, I', ...]
-        t.detach(), 1, keep.view(*keep.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:])).clone()
+
+    def pick_rows(t: torch.Tensor) -> torch.Tensor:  # [E, I, ...] -> [E, I', ...]
+        return torch.gather(t.detach(), 1, keep.view(*keep.shape, *([1] * (t.dim() - 2))).expand(
+            -1, -1, *t.shape[2:])).clone()
+
     down = torch.gather(w.down.detach(), 2, keep[:, None, :].expand(-1, w.down.shape[1], -1)).clone()
-    experts = ExpertWeights(pick_rows(w.gate), pick_rows(w.up), down, pick_rows(w.gate_bias),
-                            pick_rows(w.up_bias), None if w.down_bias is None else w.down_bias.detach().clone())
+    experts = ExpertWeights(pick_rows(w.gate), pick_rows(w.up), down,
+                            None if w.gate_bias is None else pick_rows(w.gate_bias),
+                            None if w.up_bias is None else pick_rows(w.up_bias),
+                            None if w.down_bias is None else w.down_bias.detach().clone())
     return ExpertSet(experts=experts, router_weight=layer.router_weight.detach().clone(),
                      router_bias=None if layer.router_bias is None else layer.router_bias.detach().clone(),
                      correction_bias=None if layer.correction_bias is None else layer.correction_bias.clone(),
@@ -75,6 +80,8 @@ class HEAPr(Method):
         # the new width is a multiple of this: transformers' grouped_mm kernel (its default expert backend on CPU)
         # needs 16-byte strides, i.e. 8 bf16 / 4 fp32 values; GPU kernels prefer 64 or more
         width_multiple: int = Field(8, ge=1)
+
+    params: Params
 
     def plan(self, ctx: LayerContext) -> LayerPlan:
         n, width = ctx.layer.n_experts, ctx.layer.experts.gate.shape[1]

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
 from pydantic import Field
@@ -99,7 +99,8 @@ class ReconstructionObjective:
         if self.domains is None:
             out = [q.sum(1) / self.n_tokens for q in self._token_errors(masks)]
         else:
-            out = [(self._per_domain(q) / self.scale).mean(1) for q in self._token_errors(masks)]
+            scale = self._balancing()[1]
+            out = [(self._per_domain(q) / scale).mean(1) for q in self._token_errors(masks)]
         return torch.cat(out) if out else torch.empty(0, dtype=torch.float64)
 
     @torch.no_grad()
@@ -107,7 +108,18 @@ class ReconstructionObjective:
         """mask [E] bool (after `balance`) -> [D] mean error per domain."""
         return self._per_domain(torch.cat(list(self._token_errors(mask.unsqueeze(0)))))[0]
 
-    def _token_errors(self, masks: torch.Tensor):
+    @torch.no_grad()
+    def domain_regret(self, mask: torch.Tensor) -> torch.Tensor:
+        """mask [E] bool (after `balance`) -> [D] err_d / scale_d."""
+        return self.domain_errors(mask) / self._balancing()[1]
+
+    def _balancing(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(domains [T], scale [D], counts [D]) as set by `balance`."""
+        if self.domains is None or self.scale is None or self.counts is None:
+            raise RuntimeError("ReconstructionObjective: call balance() first")
+        return self.domains, self.scale, self.counts
+
+    def _token_errors(self, masks: torch.Tensor) -> Iterator[torch.Tensor]:
         """masks [C, E] -> per-token errors d_t^T G_t d_t, [c, T] per batch of candidates (``max_elements``)."""
         masks = masks.to(device=self.logits.device, dtype=torch.bool)
         t, e, k = self.n_tokens, self.n_experts, self.k
@@ -123,8 +135,9 @@ class ReconstructionObjective:
 
     def _per_domain(self, q: torch.Tensor) -> torch.Tensor:
         """q [c, T] per-token errors -> [c, D] mean error per domain."""
-        sums = torch.zeros(q.shape[0], self.scale.shape[0], dtype=q.dtype, device=q.device)
-        return sums.index_add_(1, self.domains, q) / self.counts
+        domains, scale, counts = self._balancing()
+        sums = torch.zeros(q.shape[0], scale.shape[0], dtype=q.dtype, device=q.device)
+        return sums.index_add_(1, domains, q) / counts
 
     def balance(self, domains: torch.Tensor, scale: torch.Tensor) -> None:
         """From now on ``errors`` is the mean over domains of err_d / scale_d: domains [T] int64 ids 0..D-1 of
@@ -191,7 +204,8 @@ def exhaustive_search(obj: ReconstructionObjective, n_keep: int, n_group: int, p
         free = [e for e in members if e not in protected]
         per_group.append([tuple(prot) + c for c in itertools.combinations(free, quota - len(prot))])
     candidates = itertools.product(*per_group)
-    best, best_err, count = None, math.inf, 0
+    best: list[int] | None = None
+    best_err, count = math.inf, 0
     while True:
         batch = [tuple(sorted(itertools.chain(*parts))) for parts in itertools.islice(candidates, chunk)]
         if not batch:
@@ -202,6 +216,8 @@ def exhaustive_search(obj: ReconstructionObjective, n_keep: int, n_group: int, p
         i = int(torch.nonzero(errs == errs[i])[0])  # first of equal minima
         if float(errs[i]) < best_err:
             best, best_err = list(batch[i]), float(errs[i])
+    if best is None:
+        raise ValueError(f"naee: none of the {count} kept sets has a finite reconstruction error")
     return best, best_err, count
 
 
@@ -251,6 +267,8 @@ class NAEEPruning(ScorePruning):
         max_elements: int = Field(2**24, ge=1024)  # working-memory budget (tensor elements) per batch
         balance: Literal["tokens", "domains"] = "tokens"  # domains: mean over calibration domains of the regret
 
+    params: Params
+
     def sample_tokens(self, ctx: LayerContext) -> torch.Tensor:
         """The layer's calibration inputs [T, H], subsampled to ``max_tokens`` rows with ``ctx.generator``."""
         return self.sample(ctx)[0]
@@ -291,11 +309,12 @@ class NAEEPruning(ScorePruning):
         balanced = {}
         with torch.no_grad():
             obj = ReconstructionObjective(layer, x, p.max_elements)
-            names, ids = [], None
+            names: list = []
+            ids: torch.Tensor | None = None
             if dom is not None and p.balance == "domains":
                 unique, ids = torch.unique(dom, return_inverse=True)  # ids: 0..D-1
                 names = unique.tolist()
-            if len(names) > 1:  # the best kept set of each domain alone sets that domain's scale
+            if ids is not None and len(names) > 1:  # the best kept set of each domain alone sets its scale
                 optima = [run(ReconstructionObjective(layer, x[(ids == d).to(x.device)], p.max_elements))[1]
                           for d in range(len(names))]
                 floor = 1e-9 * max(obj.energy, 1e-30)  # a domain its optimum reconstructs exactly
@@ -306,7 +325,7 @@ class NAEEPruning(ScorePruning):
             if balanced:
                 mask = torch.zeros(n, dtype=torch.bool)
                 mask[kept] = True
-                balanced["domain_regret"] = rounded((obj.domain_errors(mask) / obj.scale).cpu())
+                balanced["domain_regret"] = rounded(obj.domain_regret(mask).cpu())
         info = {
             "kept": kept,
             "scores": rounded(single),

@@ -42,5 +42,7 @@ class RandomPruning(ScorePruning):
     class Params(PruneParams):
         protect_super: bool = False
 
+    params: Params
+
     def score(self, ctx: LayerContext) -> torch.Tensor:
         return torch.rand(ctx.layer.n_experts, generator=ctx.generator, dtype=torch.float64)

@@ -98,6 +98,8 @@ class STUNPruning(Method):
     class Params(Params):
         unstructured_sparsity: float = Field(0.0, ge=0.0, lt=1.0)  # fraction of each kept matrix row set to 0
 
+    params: Params
+
     def __init__(self, **params):
         super().__init__(**params)
         if self.params.unstructured_sparsity > 0:
