@@ -251,6 +251,7 @@ def compress(recipe: Recipe, progress: Progress | None = None, write: bool = Tru
         timings["refine"] = time.perf_counter() - t1
     companions = None
     if method.writes_companions:
+        assert teacher is not None  # copied above for every method that writes companions
         teacher.to("cpu")
         companions = method.companions(infos, teacher, get_adapter(teacher))
     else:
@@ -266,7 +267,7 @@ def compress(recipe: Recipe, progress: Progress | None = None, write: bool = Tru
         policy = resolve_policy(recipe.save_dtype, source, model.config, type(model))
         write_more = None
         if companions is not None:
-            def write_more(folder, main_manifest):
+            def write_more(folder: Any, main_manifest: dict) -> dict:
                 return write_companions(folder, companions, teacher, main_manifest, recipe=recipe, method=method,
                                         n_orig=n_orig, calib=calib, policy=policy, source=source,
                                         tokenizer=tokenizer, original_params=original_params)
@@ -278,7 +279,7 @@ def compress(recipe: Recipe, progress: Progress | None = None, write: bool = Tru
     return CompressResult(model, tokenizer, manifest, stats, timings, companions)
 
 
-def folder_names(names) -> dict[str, str]:
+def folder_names(names: Any) -> dict[str, str]:
     """{name: a folder name for it}: letters, digits, ``.``, ``_`` and ``-`` kept, anything else ``_``; made unique
     with a numeric suffix (``code``, ``code_2``)."""
     import re
@@ -294,8 +295,9 @@ def folder_names(names) -> dict[str, str]:
     return out
 
 
-def write_companions(folder, companions, original, main_manifest: dict, *, recipe: Recipe, method: Method,
-                     n_orig: int, calib, policy, source, tokenizer, original_params: int) -> dict:
+def write_companions(folder: Any, companions: Any, original: Any, main_manifest: dict, *, recipe: Recipe,
+                     method: Method, n_orig: int, calib: Any, policy: Any, source: Any, tokenizer: Any,
+                     original_params: int) -> dict:
     """Write each companion checkpoint (the original pruned to its kept experts) into ``folder/<companions.folder>/
     <name>/`` as a complete standard checkpoint, the companions' index as ``folder/<method>.json`` and its
     tensors; returns what the main compression.json records under ``companions`` (paths, bytes, totals)."""

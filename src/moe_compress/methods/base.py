@@ -85,7 +85,7 @@ class Companions:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     tensors_file: str = "query.safetensors"
 
-    def choose(self, model, input_ids: torch.Tensor) -> list[tuple[str, dict[str, float]]]:
+    def choose(self, model: Any, input_ids: torch.Tensor) -> list[tuple[str, dict[str, float]]]:
         """For each row of ``input_ids`` [B, L] (run through ``model``, the main checkpoint): the chosen
         companion's name and the score of every companion (lower = closer)."""
         raise NotImplementedError
@@ -147,17 +147,17 @@ class Method:
         JSON-able record for compression.json, or None when the method has no such stage."""
         return None
 
-    def in_memory_model(self, model, adapter, stats: dict[int, dict[str, torch.Tensor]],
+    def in_memory_model(self, model: Any, adapter: Any, stats: dict[int, dict[str, torch.Tensor]],
                         infos: dict[int, dict]) -> tuple[Any, int] | None:
         """A method whose paper's model is not a standard checkpoint (MoNE's novices) can return it here for
         evaluation: ``model`` (a copy of the original, changed in place, e.g. by hooks) and its parameter count as
         the paper counts it; ``stats``/``infos`` are the statistics and plan records per layer. Default: None."""
         return None
 
-    def check_model(self, adapter) -> None:
+    def check_model(self, adapter: Any) -> None:
         """A `UserError` if the parameters do not fit this model (run before any weights are loaded)."""
 
-    def companions(self, infos: dict[int, dict], original, adapter) -> Companions | None:
+    def companions(self, infos: dict[int, dict], original: Any, adapter: Any) -> Companions | None:
         """For ``writes_companions`` methods: the further checkpoints, from the per-layer plan records ``infos``
         and the ORIGINAL model (``adapter`` its adapter). None otherwise."""
         return None

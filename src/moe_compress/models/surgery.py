@@ -65,7 +65,7 @@ def keep_experts(adapter: Adapter, model: torch.nn.Module, keep: dict[int, list[
     replace_experts(adapter, model, keep_sets(adapter, model, keep))
 
 
-def pruned_copy(adapter: Adapter, model, keep: dict[int, list[int]]):
+def pruned_copy(adapter: Adapter, model: Any, keep: dict[int, list[int]]) -> Any:
     """A new model: ``model`` with every MoE layer pruned to the original experts ``keep[layer]``; ``model`` itself
     is not changed. Only the kept experts and router rows are copied (the full routed experts are never
     duplicated): peak memory is ``model`` plus the pruned copy."""
@@ -74,7 +74,8 @@ def pruned_copy(adapter: Adapter, model, keep: dict[int, list[int]]):
     sets = keep_sets(adapter, model, keep)
     memo: dict[int, object] = {}
     for block in adapter.moe_blocks(model).values():
-        for p in [*block.experts.parameters(), *adapter.router(block).parameters()]:
+        experts: torch.nn.Module = block.experts  # type: ignore[assignment]  # Module.__getattr__ is untyped
+        for p in [*experts.parameters(), *adapter.router(block).parameters()]:
             memo[id(p)] = torch.nn.Parameter(torch.empty(0, dtype=p.dtype, device=p.device),
                                              requires_grad=p.requires_grad)
     new = copy.deepcopy(model, memo)

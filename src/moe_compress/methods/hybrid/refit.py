@@ -51,7 +51,7 @@ visible in compression.json.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import Field
@@ -406,8 +406,8 @@ class Refit(Method):
             raise UserError(f"method {self.name} needs the MoE inputs of calibration tokens: pass --calib SPEC")
         if p.merge is not None:  # the re-fits start from the merging method's experts and router rows
             merged = self.merger.plan(ctx)
-            info = {"merge": p.merge, **{k: merged.info[k] for k in ("groups", "merge_weights", "router")
-                                         if k in merged.info}}
+            info: dict[str, Any] = {"merge": p.merge, **{k: merged.info[k] for k in ("groups", "merge_weights",
+                                                                                     "router") if k in merged.info}}
             if p.router_steps == 0 and not p.refit_down:
                 return LayerPlan(merged.expert_set, info)
             out_set, fit_info = self.refit(layer, merged.expert_set, ctx.inputs)

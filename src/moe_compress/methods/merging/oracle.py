@@ -51,8 +51,9 @@ def merged_error(layer: MoELayer, groups: list[list[int]], x: torch.Tensor, y: t
     def spread(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.index_select(0, slot.to(t.device))
 
-    s = ExpertSet(frequency_average(layer.experts, groups, weights).select(slot), spread(rows.weight),
-                  spread(rows.bias), spread(rows.correction_bias))
+    s = ExpertSet(frequency_average(layer.experts, groups, weights).select(slot),
+                  rows.weight.index_select(0, slot.to(rows.weight.device)), spread(rows.bias),
+                  spread(rows.correction_bias))
     return relative_error(set_output(layer, s, x, mask), y)
 
 

@@ -67,9 +67,9 @@ class SubMoE(MergeMethod):
             if x is None or x.shape[0] == 0:
                 raise UserError("submoe clustering=oracle needs calibration inputs (--calib)")
             weighting = "uniform" if p.weighting == "uniform" else "frequency"  # the search's merge weights
-            groups, info = oracle_groups(ctx.layer, x, freq, ctx.n_experts, n_tokens=p.oracle_tokens,
-                                         router=p.router, weighting=weighting, tau=p.tau, ridge=p.ridge)
-            return groups, {"clustering": "oracle", **info}
+            groups, found = oracle_groups(ctx.layer, x, freq, ctx.n_experts, n_tokens=p.oracle_tokens,
+                                          router=p.router, weighting=weighting, tau=p.tau, ridge=p.ridge)
+            return groups, {"clustering": "oracle", **found}
         signal = similarity_signal(p.similarity, ctx, x)
         groups = group_experts(signal, ctx.n_experts, p.clustering, n_group=ctx.layer.rule.n_group, freq=freq,
                                generator=ctx.generator, linkage=p.linkage, n_init=p.n_init)

@@ -137,6 +137,8 @@ class PreMoe(Method):
         min_prob: float = Field(0.0, ge=0.0, le=1.0)  # also require softmax over those k >= this (0: off)
         route_tokens: int = Field(32, ge=1)   # bench: the first tokens of each window from which it is routed
 
+    params: Params
+
     def check_model(self, adapter) -> None:
         n = adapter.n_experts()
         if self.params.select_k > n:
