@@ -9,10 +9,9 @@ Probabilistic expert pruning (PEP) ranks experts by the task-conditioned expecte
              those k logits is >= min_prob), else 0,
 
 over the calibration tokens T_d of domain d (statistics ``tcess_logit_by_domain`` or ``tcess_prob_by_domain``,
-and ``tokens_by_domain``, per MoE layer); s is the raw router logit (``score=logit``, the authors' code) or the
-router's probability (``prob``, default: softmax over all experts, sigmoid for DeepSeek-V3; a softmax router's
-logits are defined only up to a per-token constant, and prob measured better on both testbeds, see
-docs/methods.md). Domain d keeps the
+and ``tokens_by_domain``, per MoE layer); s is the raw router logit (``score=logit``, default: the authors' code) or the
+router's probability (``prob``: softmax over all experts, sigmoid for DeepSeek-V3; a softmax router's logits are
+defined only up to a per-token constant, and prob measured far better on both testbeds, see docs/methods.md). Domain d keeps the
 top-N experts of TCESS_d in every layer (N = the budget, the same for every domain); the all-domain set (TCESS
 over every calibration token) is the main checkpoint, the "one all-domain checkpoint of the same size".
 
@@ -132,7 +131,7 @@ class PreMoe(Method):
     min_domains = 2
 
     class Params(PruneParams):
-        score: Literal["prob", "logit"] = "prob"  # s in the marker; logit = the authors' code
+        score: Literal["prob", "logit"] = "logit"  # s in the marker; logit = the authors' code, prob = ours
         select_k: int = Field(1, ge=1)        # the k largest router logits of a token count (authors' code: 1)
         min_prob: float = Field(0.0, ge=0.0, le=1.0)  # also require softmax over those k >= this (0: off)
         route_tokens: int = Field(32, ge=1)   # bench: the first tokens of each window from which it is routed
