@@ -158,7 +158,7 @@ def test_kept_sets_are_the_top_tcess_of_each_domain(arch):
     rows = [0, 1, 0, 1]
     adapter = get_adapter(model)
     n_keep, n_group = n_keep_for(arch), adapter.rule().n_group
-    method = get_method("premoe")
+    method = get_method("premoe", score="prob")
 
     def top(scores):
         per = 8 // n_group
@@ -242,7 +242,7 @@ def test_compress_writes_one_checkpoint_per_domain(monkeypatch, capsys, saved_mo
     original = AutoModelForCausalLM.from_pretrained(saved_models[arch], dtype=torch.float32).eval()
     first = min(kept_all)
     assert family.chooser.layer == first == index["query"]["layer"]
-    sums, tokens = literal_tcess(original, x[:1], [0])[first]
+    sums, tokens = literal_tcess(original, x[:1], [0], score="logit")[first]  # the default score
     got = family.chooser.query_patterns(reduced, x[:1])[0]
     torch.testing.assert_close(got, sums[0] / tokens[0], rtol=1e-5, atol=1e-7)
     name, dist = family.chooser.choose(reduced, x[:1])[0]
