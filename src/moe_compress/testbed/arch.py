@@ -11,6 +11,15 @@ a trained testbed is a standard checkpoint that transformers (and vLLM) load lik
   before with ``--set kv_lora_rank=64 --set qk_rope_head_dim=16`` (80: transformers runs it, vLLM refuses it).
 - ``qwen2_moe``: 16 experts, top-4, plus a gated shared expert.
 - ``olmoe``: 16 experts, top-4, softmax without renormalisation.
+
+Sparse-upcycled presets (``UPCYCLED``, trained by ``moe_compress.testbed.upcycle`` in two phases: a dense model
+first, then the MoE built from it):
+
+- ``mixtral-upcycled``: the ``mixtral`` preset (the ``mixtral-8e`` shape), every expert a copy of the dense
+  model's MLP (intermediate 384).
+- ``qwen-fine-upcycled``: ``qwen2_moe`` with 16 experts of intermediate 128 (top-4) and one shared expert of
+  intermediate 512, from a dense model with an MLP of intermediate 512: the shared expert is a copy of that MLP,
+  and the routed experts are 4 copies of it, each cut into 4 segments of 128 neurons (see ``upcycle``).
 """
 
 from __future__ import annotations
@@ -88,6 +97,47 @@ BALANCE: dict[str, BalanceSettings] = {
 }
 
 
+@dataclass(frozen=True)
+class UpcycleRecipe:
+    """A sparse-upcycled testbed: which MoE is built from which dense model, and how (``testbed.upcycle``).
+
+    Attributes:
+        arch: model_type of the MoE (the dense counterpart follows from it, see ``upcycle.dense_config``).
+        config: the MoE's preset config (replaces ``PRESETS[arch]``; ``--set`` overrides still apply on top).
+        scheme: ``"copy"`` (every routed expert is the dense MLP; needs renormalised top-k routing: mixtral) or
+            ``"segments"`` (fine-grained: shared expert = the dense MLP, routed experts = segments of copies of
+            it, one virtual group of segments per copy; qwen2_moe).
+        dense_share: share of the training budget (minutes, or steps) spent on the dense phase.
+        noise: std of the Gaussian noise added to every routed expert matrix, relative to that matrix's std.
+        reinit: fraction of every routed expert's intermediate neurons re-drawn from N(mean, std) of the matrix
+            they sit in (Drop-Upcycling's partial re-initialisation).
+        shuffle: ``"segments"`` only: permute the dense MLP's neurons independently for every copy before
+            cutting it into segments (Qwen2's upcycling), instead of cutting every copy the same way.
+    """
+
+    arch: str
+    config: dict
+    scheme: str
+    dense_share: float = 0.5
+    noise: float = 0.0
+    reinit: float = 0.0
+    shuffle: bool = False
+
+
+UPCYCLED: dict[str, UpcycleRecipe] = {
+    "mixtral-upcycled": UpcycleRecipe(arch="mixtral", config=dict(PRESETS["mixtral"]), scheme="copy"),
+    "qwen-fine-upcycled": UpcycleRecipe(
+        arch="qwen2_moe", scheme="segments", shuffle=True,
+        config=dict(
+            hidden_size=192, moe_intermediate_size=128, shared_expert_intermediate_size=512, intermediate_size=512,
+            num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2, num_experts=16,
+            num_experts_per_tok=4, norm_topk_prob=False, decoder_sparse_step=1, tie_word_embeddings=False,
+            router_aux_loss_coef=0.005,
+        ),
+    ),
+}
+
+
 def build_config(
     arch: str,
     vocab_size: int,
@@ -95,17 +145,19 @@ def build_config(
     pad_token_id: int,
     max_position_embeddings: int,
     overrides: dict | None = None,
+    base: dict | None = None,
 ) -> PretrainedConfig:
-    """The preset config of ``arch`` for a tokenizer of ``vocab_size`` tokens, with ``overrides`` applied last.
+    """The preset config of ``arch`` (or ``base`` instead of it) for a tokenizer of ``vocab_size`` tokens, with
+    ``overrides`` applied last.
 
     The end-of-text token doubles as BOS (GPT-2 style); nothing is prepended automatically.
     """
     if arch not in PRESETS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
     kwargs = dict(
-        PRESETS[arch], vocab_size=vocab_size, bos_token_id=eos_token_id, eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id, max_position_embeddings=max_position_embeddings, rope_parameters=dict(_ROPE),
-        initializer_range=0.02,
+        PRESETS[arch] if base is None else base, vocab_size=vocab_size, bos_token_id=eos_token_id,
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id, max_position_embeddings=max_position_embeddings,
+        rope_parameters=dict(_ROPE), initializer_range=0.02,
     )
     kwargs.update(overrides or {})
     return AutoConfig.for_model(arch, **kwargs)

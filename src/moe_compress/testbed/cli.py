@@ -1,6 +1,7 @@
-"""``moe-compress testbed``: train the project's testbed MoE models.
+"""``moe-compress testbed``: train the project's testbed MoE models and measure their experts.
 
-Run as ``moe-compress testbed train ...`` (the main CLI mounts ``app``) or ``python -m moe_compress.testbed.cli``.
+Run as ``moe-compress testbed train ...`` (the main CLI mounts ``app``; user mistakes then print one line) or
+``python -m moe_compress.testbed.cli``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from typing import Optional
 
 import typer
 
+from moe_compress.errors import UserError
+from moe_compress.testbed.arch import UPCYCLED
 from moe_compress.testbed.data import DEFAULT_EVAL_DATA, DEFAULT_TRAIN_DATA
+from moe_compress.testbed.similarity import DEFAULT_TOKENS
 
 app = typer.Typer(help="Train the small MoE testbed models.", no_args_is_help=True)
 
@@ -25,6 +29,10 @@ class Arch(str, Enum):
     deepseek_v3 = "deepseek_v3"
     qwen2_moe = "qwen2_moe"
     olmoe = "olmoe"
+
+
+Preset = Enum("Preset", {name.replace("-", "_"): name for name in UPCYCLED}, type=str)
+Preset.__doc__ = "Upcycled testbed presets (arch.UPCYCLED)."
 
 
 def _parse_overrides(items: list[str]) -> dict:
@@ -43,13 +51,18 @@ def _parse_overrides(items: list[str]) -> dict:
 
 @app.command()
 def train(
-    arch: Arch = typer.Option(..., help="Model architecture (transformers model_type)."),
+    arch: Optional[Arch] = typer.Option(None, help="Model architecture (transformers model_type), trained from "
+                                        "scratch. Give --arch or --preset."),
+    preset: Optional[Preset] = typer.Option(None, help="Sparse-upcycled testbed: a dense model trained first, "
+                                            "then the MoE built from it (docs/TESTBEDS.md)."),
     out: Path = typer.Option(..., help="Output folder for the checkpoint, tokenizer and training.json."),
     data: Path = typer.Option(DEFAULT_TRAIN_DATA, help="Training corpus: a file or folder of .txt/.jsonl/.jsonl.xz."),
     eval_data: Optional[Path] = typer.Option(
         DEFAULT_EVAL_DATA, help="Held-out corpus (domain = file name); 'none' holds out 2% of --data instead."),
-    minutes: float = typer.Option(6.0, help="Training time budget (the step count is fixed after warm-up)."),
-    steps: Optional[int] = typer.Option(None, help="Train exactly this many steps (overrides --minutes)."),
+    minutes: float = typer.Option(6.0, help="Training time budget (the step count is fixed after warm-up); an "
+                                  "upcycled preset splits it between its phases by --dense-share."),
+    steps: Optional[int] = typer.Option(None, help="Train exactly this many steps (overrides --minutes); with "
+                                        "--preset, the MoE phase's steps."),
     seed: int = typer.Option(0, help="Seed of tokenizer sampling, init, data order and samples."),
     batch_size: int = typer.Option(128, help="Sequences per step."),
     seq_len: int = typer.Option(512, help="Tokens per sequence."),
@@ -57,21 +70,89 @@ def train(
     warmup_steps: int = typer.Option(200, help="Linear warm-up steps."),
     vocab_size: int = typer.Option(8192, help="BPE vocabulary size (2 special tokens included)."),
     set_: list[str] = typer.Option([], "--set", help="Model config override KEY=VALUE (repeatable)."),
+    dense_share: Optional[float] = typer.Option(None, help="Upcycled presets: share of the budget (--minutes, or "
+                                                "steps) for the dense phase, 0 < x < 1 (preset: 0.5)."),
+    dense_steps: Optional[int] = typer.Option(None, help="Upcycled presets with --steps: the dense phase's steps "
+                                              "(default: --steps x share / (1 - share))."),
+    upcycle_noise: Optional[float] = typer.Option(None, help="Upcycled presets: Gaussian noise on every expert "
+                                                  "matrix, relative to its std (preset: 0)."),
+    upcycle_reinit: Optional[float] = typer.Option(None, help="Upcycled presets: fraction of every expert's "
+                                                   "neurons re-initialised, Drop-Upcycling (preset: 0)."),
+    upcycle_shuffle: Optional[bool] = typer.Option(None, "--upcycle-shuffle/--no-upcycle-shuffle",
+                                                   help="Fine-grained presets: permute each MLP copy's neurons "
+                                                   "before cutting it into experts (preset: on)."),
+    similarity_tokens: int = typer.Option(DEFAULT_TOKENS, help="Held-out tokens of the expert-similarity report."),
+    router_lr_scale: float = typer.Option(1.0, help="Learning rate of the router weights, x the schedule's (an "
+                                          "upcycled preset: its MoE phase)."),
+    eval_max_tokens: Optional[int] = typer.Option(None, min=1, help="Evaluate on at most this many held-out tokens "
+                                                  "per domain (default: all; a quick CPU check)."),
 ) -> None:
-    """Train a testbed MoE from scratch and save a standard HF checkpoint + tokenizer + training.json."""
-    from moe_compress.testbed.train import TrainSettings
+    """Train a testbed MoE (from scratch, or sparse-upcycled from a dense model) and save a standard HF
+    checkpoint + tokenizer + training.json."""
+    from moe_compress.testbed.train import TrainSettings, resolve_recipe
     from moe_compress.testbed.train import train as run_training
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if (arch is None) == (preset is None):
+        raise UserError("give exactly one of --arch (a model trained from scratch) and --preset (an upcycled "
+                        f"testbed: {', '.join(UPCYCLED)})")
     settings = TrainSettings(
-        arch=arch.value, out=out, data=data, eval_data=None if str(eval_data).lower() == "none" else eval_data,
+        arch=arch.value if arch is not None else UPCYCLED[preset.value].arch,
+        preset=None if preset is None else preset.value, out=out, data=data,
+        eval_data=None if str(eval_data).lower() == "none" else eval_data,
         minutes=minutes, steps=steps, seed=seed, batch_size=batch_size, seq_len=seq_len, lr=lr,
         warmup_steps=warmup_steps, vocab_size=vocab_size, config_overrides=_parse_overrides(set_),
+        dense_share=dense_share, dense_steps=dense_steps, upcycle_noise=upcycle_noise,
+        upcycle_reinit=upcycle_reinit, upcycle_shuffle=upcycle_shuffle, similarity_tokens=similarity_tokens,
+        eval_max_tokens=eval_max_tokens, router_lr_scale=router_lr_scale,
     )
+    resolve_recipe(settings)  # option mistakes: one line, before the logging and the data
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     options = sys.argv[sys.argv.index("train") + 1:] if "train" in sys.argv else []
     record = run_training(settings, command=shlex.join(["moe-compress", "testbed", "train", *options]))
     typer.echo(json.dumps({"out": str(out), "steps": record["steps"], "tokens_seen": record["tokens_seen"],
                            "perplexity": record["eval"]["perplexity"]}, indent=1))
+
+
+@app.command()
+def similarity(
+    model: str = typer.Argument(..., help="Checkpoint folder (or builtin:NAME) of an MoE model."),
+    data: Path = typer.Option(DEFAULT_EVAL_DATA, help="Held-out text: a file or folder of .txt/.jsonl/.jsonl.xz."),
+    tokens: int = typer.Option(DEFAULT_TOKENS, min=1, help="Held-out tokens, split evenly over the domains."),
+    seq_len: int = typer.Option(512, min=1, help="Tokens per window."),
+    device: str = typer.Option("cpu", help="Device to run on (cpu, cuda, ...)."),
+    out: Optional[Path] = typer.Option(None, help="Also write the full report (with the [E][E] matrices) as JSON."),
+) -> None:
+    """Pairwise cosine of the routed experts' weights and outputs, per MoE layer (as training.json records)."""
+    import torch
+
+    from moe_compress.models.loading import load_model, load_tokenizer
+    from moe_compress.models.registry import get_adapter
+    from moe_compress.testbed.data import encode_streams, read_documents
+    from moe_compress.testbed.similarity import expert_similarity, similarity_windows, summary_lines
+
+    if not data.exists():
+        raise UserError(f"held-out data not found: {data}")
+    try:
+        device_ = torch.device(device)
+    except RuntimeError as e:
+        raise UserError(f"unknown --device {device!r}: {str(e).splitlines()[0]}") from e
+    tokenizer = load_tokenizer(model)
+    net = load_model(model, dtype=torch.float32, device=str(device_))
+    get_adapter(net)  # a dense or unsupported model: one line
+    try:
+        docs = read_documents(data)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from e
+    windows = similarity_windows(encode_streams(tokenizer, docs), tokens, seq_len)
+    if not windows:
+        raise UserError(f"no held-out tokens in {data}")
+    report = expert_similarity(net, windows, matrices=out is not None)
+    for line in summary_lines(report):
+        typer.echo(line)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"model": model, "data": str(data), **report}, indent=1))
+        typer.echo(f"wrote {out}")
 
 
 @app.command()

@@ -26,13 +26,14 @@ def eval_windows(stream: np.ndarray, seq_len: int, max_tokens: int | None = None
 
 
 @torch.no_grad()
-def evaluate_domains(model: nn.Module, tap: RouterTap, streams: dict[str, np.ndarray], seq_len: int,
+def evaluate_domains(model: nn.Module, tap: RouterTap | None, streams: dict[str, np.ndarray], seq_len: int,
                      batch_size: int, max_tokens: int | None = None) -> dict:
     """Perplexity and expert counts of ``model`` on every held-out domain stream.
 
     Returns:
         ``{"perplexity": {domain: float}, "tokens": {domain: int}, "counts": {domain: [L][E] int}}``, counts being
-        the number of (token, top-k slot) assignments of each expert in each MoE layer.
+        the number of (token, top-k slot) assignments of each expert in each MoE layer (no counts without a
+        ``tap``: a dense model).
     """
     device = next(model.parameters()).device
     model.eval()
@@ -43,13 +44,15 @@ def evaluate_domains(model: nn.Module, tap: RouterTap, streams: dict[str, np.nda
             raise UserError(f"held-out text of domain {domain!r} has fewer than seq_len + 1 = {seq_len + 1} tokens: "
                             "give more held-out text (--eval-data) or a smaller --seq-len")
         nll, n = 0.0, 0
-        tap.start_counting(device)
+        if tap is not None:
+            tap.start_counting(device)
         for batch in windows.split(batch_size):
             batch = batch.to(device)
             logits = model(input_ids=batch[:, :-1], use_cache=False).logits
             nll += F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
             n += batch[:, 1:].numel()
-        result["counts"][domain] = tap.stop_counting().tolist()
+        if tap is not None:
+            result["counts"][domain] = tap.stop_counting().tolist()
         result["perplexity"][domain] = math.exp(nll / n)
         result["tokens"][domain] = n
     return result

@@ -69,3 +69,54 @@ def plot_expert_usage(counts: dict[str, list[list[int]]], title: str, path: Path
     fig.suptitle(title)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_upcycled_run(lm_loss: list[float], aux_loss: list[float], moe_from_step: int, tokens_per_step: int,
+                      similarity: dict[str, dict], title: str, path: Path) -> None:
+    """The one figure of an upcycled testbed run, saved as a PNG at ``path``: the LM loss of both phases (dense,
+    then MoE from step ``moe_from_step``; raw and EMA-smoothed), the MoE phase's auxiliary loss, and the mean
+    pairwise expert cosine (weights, outputs) per MoE layer at MoE step 0 and at the end.
+
+    Args:
+        lm_loss, aux_loss: per-step losses of the whole run (aux 0 in the dense phase).
+        similarity: ``{"start": report, "end": report}`` from ``similarity.expert_similarity``.
+    """
+    tokens = (np.arange(1, len(lm_loss) + 1) * tokens_per_step) / 1e6
+    smooth, ema = [], lm_loss[0]
+    for i, value in enumerate(lm_loss):
+        ema = value if i == moe_from_step else 0.98 * ema + 0.02 * value  # restart the EMA at the upcycling
+        smooth.append(ema)
+    fig = plt.figure(figsize=(11, 6.2), layout="constrained")
+    grid = fig.add_gridspec(2, 2, width_ratios=[2.2, 1], height_ratios=[3, 1])
+    ax_lm = fig.add_subplot(grid[0, 0])
+    ax_aux = fig.add_subplot(grid[1, 0], sharex=ax_lm)
+    ax_sim = fig.add_subplot(grid[:, 1])
+    cut = tokens[moe_from_step] if moe_from_step < len(tokens) else tokens[-1]
+    for part, color, label in ((slice(0, moe_from_step), "tab:gray", "dense"),
+                               (slice(moe_from_step, None), "tab:blue", "MoE")):
+        ax_lm.plot(tokens[part], lm_loss[part], color=color, alpha=0.25, linewidth=0.6)
+        ax_lm.plot(tokens[part], smooth[part], color=color, linewidth=1.5, label=f"{label} (EMA 0.98)")
+    for ax in (ax_lm, ax_aux):
+        ax.axvline(cut, color="black", linestyle="--", linewidth=0.8)
+        ax.grid(alpha=0.3)
+    ax_lm.set_ylim(min(smooth) - 0.2, min(max(smooth[len(smooth) // 20:]) + 0.5, max(lm_loss)))
+    ax_lm.set_ylabel("train LM loss (nats/token)")
+    ax_lm.legend()
+    ax_lm.set_title(title)
+    ax_aux.plot(tokens[moe_from_step:], aux_loss[moe_from_step:], color="tab:orange", linewidth=0.8)
+    ax_aux.set_ylabel("aux loss")
+    ax_aux.set_xlabel("tokens seen (M); dashed: upcycled")
+    styles = {("start", "weight"): ("tab:gray", "o", "--"), ("end", "weight"): ("tab:blue", "o", "-"),
+              ("start", "output"): ("tab:gray", "s", ":"), ("end", "output"): ("tab:red", "s", "-")}
+    for (when, kind), (color, marker, line) in styles.items():
+        layers = similarity[when]["layers"]
+        ax_sim.plot([r["layer"] for r in layers], [r[kind]["mean"] for r in layers], color=color, marker=marker,
+                    linestyle=line, label=f"{kind}, {'MoE step 0' if when == 'start' else 'end'}")
+    ax_sim.set_ylim(-0.05, 1.05)
+    ax_sim.set_xlabel("decoder layer")
+    ax_sim.set_ylabel("mean pairwise expert cosine")
+    ax_sim.set_title("expert similarity", fontsize=10)
+    ax_sim.grid(alpha=0.3)
+    ax_sim.legend(fontsize=8)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
