@@ -9,11 +9,12 @@ Probabilistic expert pruning (PEP) ranks experts by the task-conditioned expecte
              those k logits is >= min_prob), else 0,
 
 over the calibration tokens T_d of domain d (statistics ``tcess_logit_by_domain`` or ``tcess_prob_by_domain``,
-and ``tokens_by_domain``, per MoE layer); s is the raw router logit (``score=logit``, default: the authors' code) or the
-router's probability (``prob``: softmax over all experts, sigmoid for DeepSeek-V3; a softmax router's logits are
-defined only up to a per-token constant, and prob measured far better on both testbeds, see docs/methods.md).
-Domain d keeps the top-N experts of TCESS_d in every layer (N = the budget, the same for every domain); the all-domain set (TCESS
-over every calibration token) is the main checkpoint, the "one all-domain checkpoint of the same size".
+and ``tokens_by_domain``, per MoE layer); s is the raw router logit (``score=logit``, default: the authors'
+code) or the router's probability (``prob``: softmax over all experts, sigmoid for DeepSeek-V3; a softmax
+router's logits are defined only up to a per-token constant, and prob measured far better on both testbeds, see
+docs/methods.md). Domain d keeps the top-N experts of TCESS_d in every layer (N = the budget, the same for every
+domain); the all-domain set (TCESS over every calibration token) is the main checkpoint, the "one all-domain
+checkpoint of the same size".
 
 Task-adaptive expert retrieval (TAER), as the authors' code does it: a query's pattern is the mean marker over
 its tokens at the FIRST MoE layer only, and the domain whose stored first-layer TCESS is nearest in L2 is chosen.
