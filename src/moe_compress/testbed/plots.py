@@ -83,8 +83,8 @@ def plot_upcycled_run(lm_loss: list[float], aux_loss: list[float], moe_from_step
     """
     tokens = (np.arange(1, len(lm_loss) + 1) * tokens_per_step) / 1e6
     smooth, ema = [], lm_loss[0]
-    for i, value in enumerate(lm_loss):
-        ema = value if i == moe_from_step else 0.98 * ema + 0.02 * value  # restart the EMA at the upcycling
+    for value in lm_loss:  # one EMA across the upcycling: no artificial jump at the boundary
+        ema = 0.98 * ema + 0.02 * value
         smooth.append(ema)
     fig = plt.figure(figsize=(11, 6.2), layout="constrained")
     grid = fig.add_gridspec(2, 2, width_ratios=[2.2, 1], height_ratios=[3, 1])
