@@ -217,6 +217,7 @@ def _run_into(spec: BenchSpec, methods: list[tuple[Variant, Method]], folder: Pa
             res = evaluate_lm(model, windows, reference=original, batch_size=spec.eval_batch_size).to_dict()
             eval_s = time.perf_counter() - t2
             times = {"statistics": stats_s, **applier.timings, **refine_s, "export": export_s, "eval": eval_s}
+            n_before = len(rows)
             if method.writes_companions:  # premoe: the routed, oracle and all-domain rows (not a save_best candidate)
                 companions = method.companions(applier.infos, original, adapter)
                 rows += _companion_rows(spec, variant, method, companions, model, original, adapter, windows,
@@ -224,11 +225,11 @@ def _run_into(spec: BenchSpec, methods: list[tuple[Variant, Method]], folder: Pa
             else:
                 rows.append(_row(variant, method, n_orig, n_new, res, parameter_counts(model), params_orig, times,
                                  applier.infos))
-            with open(folder / "rows.partial.jsonl", "a") as fh:  # survives an interrupted run
-                fh.write(json.dumps(rows[-1]) + "\n")
-            twin = copy.deepcopy(original)
-            paper = method.in_memory_model(twin, get_adapter(twin), layer_stats, applier.infos)
-            del twin
+            paper = None
+            if type(method).in_memory_model is not Method.in_memory_model:  # copy the original only when asked
+                twin = copy.deepcopy(original)
+                paper = method.in_memory_model(twin, get_adapter(twin), layer_stats, applier.infos)
+                del twin
             if paper is not None:  # the paper's model that a standard checkpoint cannot hold (MoNE's novices)
                 paper_model, paper_params = paper
                 t2 = time.perf_counter()
@@ -238,6 +239,8 @@ def _run_into(spec: BenchSpec, methods: list[tuple[Variant, Method]], folder: Pa
                 rows.append(_row(label, method, n_orig, n_new, res_mem, {"params": paper_params}, params_orig,
                                  {"eval": time.perf_counter() - t2}))
                 del paper_model
+            with open(folder / "rows.partial.jsonl", "a") as fh:  # survives an interrupted run
+                fh.writelines(json.dumps(r) + "\n" for r in rows[n_before:])
             if spec.save_best and not method.writes_companions and n_new == min(spec.budgets) and (
                     best is None or res["kld"] < best["kld"]):
                 best = {"kld": res["kld"], "model": model.to("cpu"), "variant": variant, "method": method,
