@@ -125,11 +125,12 @@ def similarity(
     """Pairwise cosine of the routed experts' weights and outputs, per MoE layer (as training.json records)."""
     import torch
 
-    from moe_compress.models.loading import load_model, load_tokenizer
+    from moe_compress.models.loading import load_model, load_tokenizer, resolve_model
     from moe_compress.models.registry import get_adapter
     from moe_compress.testbed.data import encode_streams, read_documents
     from moe_compress.testbed.similarity import expert_similarity, similarity_windows, summary_lines
 
+    resolve_model(model)  # the model argument first: a missing folder is named before the data is looked at
     if not data.exists():
         raise UserError(f"held-out data not found: {data}")
     try:
