@@ -270,33 +270,10 @@ def evaluate_assigned(
     return out
 
 
-@torch.inference_mode()
-def _window_sums(model: nn.Module, reference: nn.Module | None, windows: torch.Tensor, domain: str,
-                 batch_size: int, progress: ProgressFn | None) -> list[_Sums]:
-    """`_evaluate_domain`'s sums, one per window (batched the same way)."""
-    out = []
-    n = windows.shape[0]
-    for start in range(0, n, batch_size):
-        batch = windows[start:start + batch_size].long()
-        logits = model(input_ids=batch.to(_input_device(model)), use_cache=False).logits
-        ref_logits = None
-        if reference is not None:
-            ref_logits = reference(input_ids=batch.to(_input_device(reference)), use_cache=False).logits
-            ref_logits = ref_logits.to(logits.device)
-        targets = batch[:, 1:].to(logits.device)
-        for b in range(batch.shape[0]):
-            out.append(_score_batch(logits[b:b + 1], targets[b:b + 1],
-                                    None if ref_logits is None else ref_logits[b:b + 1]))
-        del logits, ref_logits
-        if progress:
-            progress(f"eval {domain}", min(start + batch_size, n), n)
-    return out
-
-
-@torch.inference_mode()
-def _evaluate_domain(model: CausalLM, reference: CausalLM | None, windows: torch.Tensor, domain: str,
-                     batch_size: int, progress: ProgressFn | None) -> _Sums:
-    sums = _Sums()
+def _batch_logits(model: nn.Module, reference: nn.Module | None, windows: torch.Tensor, domain: str,
+                  batch_size: int, progress: ProgressFn | None):
+    """Per batch of ``windows``: (logits [B, L, V], targets [B, L-1], reference logits or None), on the model's
+    device; the reference's logits must have the model's shape (one tokenizer and vocabulary)."""
     n = windows.shape[0]
     for start in range(0, n, batch_size):
         batch = windows[start:start + batch_size].long()
@@ -308,10 +285,27 @@ def _evaluate_domain(model: CausalLM, reference: CausalLM | None, windows: torch
                 raise UserError(f"the reference's logits {tuple(ref_logits.shape)} differ in shape from the model's "
                                 f"{tuple(logits.shape)}: both must share one tokenizer and vocabulary")
             ref_logits = ref_logits.to(logits.device)
-        sums.add(_score_batch(logits, batch[:, 1:].to(logits.device), ref_logits))
+        yield logits, batch[:, 1:].to(logits.device), ref_logits
         del logits, ref_logits
         if progress:
             progress(f"eval {domain}", min(start + batch_size, n), n)
+
+
+@torch.inference_mode()
+def _window_sums(model: nn.Module, reference: nn.Module | None, windows: torch.Tensor, domain: str,
+                 batch_size: int, progress: ProgressFn | None) -> list[_Sums]:
+    """`_evaluate_domain`'s sums, one per window (batched the same way)."""
+    return [_score_batch(logits[b:b + 1], targets[b:b + 1], None if ref is None else ref[b:b + 1])
+            for logits, targets, ref in _batch_logits(model, reference, windows, domain, batch_size, progress)
+            for b in range(logits.shape[0])]
+
+
+@torch.inference_mode()
+def _evaluate_domain(model: CausalLM, reference: CausalLM | None, windows: torch.Tensor, domain: str,
+                     batch_size: int, progress: ProgressFn | None) -> _Sums:
+    sums = _Sums()
+    for logits, targets, ref in _batch_logits(model, reference, windows, domain, batch_size, progress):
+        sums.add(_score_batch(logits, targets, ref))
     return sums
 
 
