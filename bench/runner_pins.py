@@ -119,6 +119,7 @@ def tiny_models(root: Path) -> tuple[dict[str, Path], Path]:
             tok.save_pretrained(d)
         out[arch] = d
     text = root / "calib.jsonl"
+    root.mkdir(parents=True, exist_ok=True)
     with open(text, "w") as fh:
         for i in range(40):
             fh.write(json.dumps({"text": " ".join(_SENTENCES[i % 6:] + _SENTENCES[:i % 6]),
@@ -131,6 +132,8 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--only", default=None, help="comma list of configurations: memory,stream,resume,gloo")
+    ap.add_argument("--inputs", default="/tmp/runner-pins-inputs", help="where the tiny models and calibration file "
+                    "go (a fixed path: compression.json records the paths of model and data)")
     args = ap.parse_args()
     import torch
 
@@ -141,7 +144,7 @@ def main() -> None:
 
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
-    tiny, text = tiny_models(root)
+    tiny, text = tiny_models(Path(args.inputs))
     only = set((args.only or "memory,stream,resume,gloo").split(","))
     for model, method, mode, experts, calib in CASES:
         src = str(tiny[model.split(":")[1]]) if model.startswith("tiny:") else model

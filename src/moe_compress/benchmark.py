@@ -20,14 +20,20 @@ from typing import Callable
 
 import torch
 
-from moe_compress.calibration.runner import LayerRun, run_layers
+from moe_compress.calibration.runner import LayerRun, LayerRunner, LayerSink
 from moe_compress.errors import UserError
 from moe_compress.export.writer import atomic_output_dir, check_output_dir, save_model
 from moe_compress.methods.base import Method, get_method, parse_method_spec, split_method_list
 from moe_compress.models.loading import load_config, load_model, load_tokenizer
 from moe_compress.models.registry import get_adapter
-from moe_compress.models.surgery import check_expert_count
-from moe_compress.pipeline import MethodApplier, check_domains, pick_device
+from moe_compress.pipeline import (
+    MethodApplier,
+    build_calibration_set,
+    calibration_batches,
+    check_budget,
+    check_domains,
+    pick_device,
+)
 from moe_compress.recipe import Calibration
 
 Progress = Callable[[str, int, int], None]
@@ -101,11 +107,9 @@ def check_bench(spec: BenchSpec) -> list[tuple[Variant, Method]]:
     for _, m in methods:
         m.check_model(adapter)
     observer_options(methods)
-    n_orig = adapter.n_experts()
     for n in spec.budgets:
-        if n >= n_orig:
-            raise UserError(f"{spec.model}: budget {n} must be smaller than the model's {n_orig} experts per layer")
-        check_expert_count(adapter, n)
+        for _, m in methods:
+            check_budget(adapter, n, m, label=f"{spec.model}: budget {n}")
     return methods
 
 
@@ -153,10 +157,27 @@ def run_benches(specs: list[BenchSpec], out: str | Path, overwrite: bool = False
     return results
 
 
+class SharedStatistics(LayerSink):
+    """Bench's sink of the layer runner: one statistics pass serves every method x budget, so each MoE layer's
+    statistics (float32), MoE inputs [T, H] and their domain ids [T] are kept; the methods plan afterwards, each
+    on its own copy of the original. The layers are not changed."""
+
+    def __init__(self) -> None:
+        self.stats: dict[int, dict[str, torch.Tensor]] = {}
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.domains: dict[int, torch.Tensor | None] = {}
+
+    def after_layer(self, run: LayerRun) -> bool:
+        if run.observer is not None:
+            self.stats[run.index] = {k: v.float() for k, v in run.observer.results().items()}
+            if run.moe_inputs is not None:
+                self.inputs[run.index], self.domains[run.index] = run.moe_inputs, run.moe_domains
+        return False
+
+
 def _run_into(spec: BenchSpec, methods: list[tuple[Variant, Method]], folder: Path,
               progress: Progress | None) -> list[dict]:
     from moe_compress.calibration.collect import calibration_domains
-    from moe_compress.calibration.data import build_calibration
     from moe_compress.evaluation.metrics import evaluate_lm, parameter_counts
 
     device = pick_device(spec.device)
@@ -166,8 +187,7 @@ def _run_into(spec: BenchSpec, methods: list[tuple[Variant, Method]], folder: Pa
     adapter = get_adapter(original)
     n_orig = adapter.n_experts()
     c = spec.calibration
-    calib = build_calibration(c.data, tokenizer, n_samples=c.n_samples, seq_len=c.seq_len, seed=c.seed,
-                              packing=c.packing, chat_template=c.chat_template)
+    calib = build_calibration_set(c, tokenizer)
     windows = _eval_windows(spec, tokenizer)
     load_s = time.perf_counter() - t0
 
@@ -175,24 +195,16 @@ def _run_into(spec: BenchSpec, methods: list[tuple[Variant, Method]], folder: Pa
     needs = sorted(set().union(*(m.needs for _, m in methods)))
     options = observer_options(methods)
     keep_inputs = any(m.needs_inputs for _, m in methods)
-    layer_stats: dict[int, dict[str, torch.Tensor]] = {}
-    layer_inputs: dict[int, torch.Tensor] = {}
-    layer_domains: dict[int, torch.Tensor | None] = {}
-
-    def on_layer(run: LayerRun) -> bool:
-        if run.observer is not None:
-            layer_stats[run.index] = {k: v.float() for k, v in run.observer.results().items()}
-            if run.moe_inputs is not None:
-                layer_inputs[run.index], layer_domains[run.index] = run.moe_inputs, run.moe_domains
-        return False
+    shared = SharedStatistics()
+    layer_stats, layer_inputs, layer_domains = shared.stats, shared.inputs, shared.domains
 
     t0 = time.perf_counter()
-    domains, domain_names = calibration_domains(calib)
+    domain_names = calibration_domains(calib)[1]
     for _, m in methods:
         check_domains(m, calib)
-    run_layers(original, adapter, calib.input_ids, calib.attention_mask, on_layer=on_layer, device=device,
-               batch_size=c.batch_size, keep_moe_inputs=keep_inputs, stats=tuple(needs), observer_options=options,
-               progress=progress, domains=domains)
+    runner = LayerRunner(original, adapter, device=device, keep_moe_inputs=keep_inputs, stats=tuple(needs),
+                         observer_options=options)
+    runner.run(calibration_batches(calib, c.batch_size), shared, progress=progress)
     stats_s = time.perf_counter() - t0
     original.to(device)
     params_orig = parameter_counts(original)

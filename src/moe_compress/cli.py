@@ -171,22 +171,25 @@ def compress(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
     max_gpu_memory: Optional[str] = typer.Option(None, "--max-gpu-memory",
-                                                 help="stream layer by layer within this GPU memory, e.g. 20GiB"),
+                                                 help="stream layer by layer within this GPU memory, e.g. 20GiB "
+                                                 "(= --set execution.max_gpu_memory=...)"),
     stream: bool = typer.Option(False, "--stream", help="stream layer by layer (resumable; implied by "
-                                "--max-gpu-memory and by torchrun)"),
+                                "--max-gpu-memory and by torchrun; = --set execution.mode=stream)"),
 ) -> None:
     """Compress MODEL's experts with one method and write a smaller standard checkpoint."""
-    from moe_compress.pipeline import compress as run_compress
     from moe_compress.plan import describe_plan
-    from moe_compress.recipe import build_recipe, load_recipe_file, parse_overrides
+    from moe_compress.recipe import build_recipe, load_recipe_file, parse_overrides, parse_size
 
+    if max_gpu_memory is not None:
+        parse_size(max_gpu_memory)  # a bad size is named as the flag's value, not as a recipe key
     data = load_recipe_file(recipe) if recipe else {}
     flags = {"model": model, "output": out, "mode": mode, "device": device, "dtype": dtype,
              "save_dtype": save_dtype, "seed": seed, "calibration.data": calib, "calibration.n_samples": n_samples,
              "calibration.seq_len": seq_len, "calibration.batch_size": batch_size, "calibration.seed": seed,
              "calibration.packing": False if per_document else None,
              "calibration.chat_template": True if chat_template else None,
-             "overwrite": True if overwrite else None, "trust_remote_code": True if trust_remote_code else None}
+             "overwrite": True if overwrite else None, "trust_remote_code": True if trust_remote_code else None,
+             "execution.mode": "stream" if stream else None, "execution.max_gpu_memory": max_gpu_memory}
     overrides = [(k, v) for k, v in flags.items() if v is not None]
     if experts is not None and ratio is not None:
         raise UserError("give one budget: --experts N (experts kept per layer) or --ratio R (fraction of experts "
@@ -200,15 +203,25 @@ def compress(
     if dry_run:
         out_console.print(describe_plan(r), markup=False, highlight=False, soft_wrap=True)
         return
-    if stream or max_gpu_memory is not None or _launched_by_torchrun():
-        _compress_streaming(r, max_gpu_memory, quiet)
+    _run_compress(r, quiet)
+
+
+def _run_compress(r, quiet: bool) -> None:
+    """`moe_compress.pipeline.compress` (in memory or streamed, as ``r.execution`` says); under torchrun only
+    rank 0 prints."""
+    from moe_compress.distributed import rank_from_env
+    from moe_compress.pipeline import compress as run_compress
+
+    rank0 = rank_from_env() == 0
+    with progress_bar(not quiet and rank0) as progress:
+        result = run_compress(r, progress=progress, log=console.print if rank0 and not quiet else None)
+    if not rank0:
         return
-    with progress_bar(not quiet) as progress:
-        result = run_compress(r, progress=progress)
-    e = result.manifest["experts"]
+    e, streamed = result.manifest["experts"], result.streamed
+    how = (f", streamed on {streamed.world} process(es), calibration batch {streamed.memory.batch_size}"
+           if streamed is not None else companions_line(result.manifest, r.output))
     out_console.print(f"wrote {r.output}: {r.method}, {e['original']} -> {e['kept']} experts per layer, "
-                      f"{size_line(result.manifest)}{companions_line(result.manifest, r.output)} "
-                      f"({sum(result.timings.values()):.1f} s)")
+                      f"{size_line(result.manifest)}{how} ({sum(result.timings.values()):.1f} s)")
 
 
 def companions_line(manifest: dict, out: str) -> str:
@@ -237,30 +250,6 @@ def size_line(manifest: dict) -> str:
         size = f"{fmt_bytes(b['source'])} -> {size} ({100 * b['fraction']:.1f}% of the source's bytes, "
         return size + f"{100 * p['fraction']:.1f}% of its parameters)"
     return size + f" ({100 * p['fraction']:.1f}% of the source's parameters)"
-
-
-def _launched_by_torchrun() -> bool:
-    import os
-
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def _compress_streaming(r, max_gpu_memory: str | None, quiet: bool) -> None:
-    """`moe_compress.streaming`: layer by layer, resumable; under torchrun only rank 0 prints."""
-    import os
-
-    from moe_compress.streaming import compress_streaming
-
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    with progress_bar(not quiet and rank0) as progress:
-        res = compress_streaming(r, max_gpu_memory=max_gpu_memory, progress=progress,
-                                 log=console.print if rank0 and not quiet else None)
-    if rank0:
-        e = res.manifest["experts"]
-        out_console.print(f"wrote {r.output}: {r.method}, {e['original']} -> {e['kept']} experts per layer, "
-                          f"{size_line(res.manifest)}, streamed on {res.world} process(es), calibration batch "
-                          f"{res.memory.batch_size} "
-                          f"({sum(res.timings.values()):.1f} s)")
 
 
 @app.command()

@@ -1,7 +1,8 @@
 """Several processes (GPUs) for one compression, through torch.distributed.
 
 Launched with ``torchrun --nproc-per-node N moe-compress compress ...``, every process runs the same streaming
-compression (`moe_compress.streaming`): each decoder layer's calibration batches are spread over the ranks
+compression (`moe_compress.streaming`): `DistContext` is the layer runner's `BatchSplit`
+(`moe_compress.calibration.runner`): each decoder layer's calibration batches are spread over the ranks
 (batch b goes to rank b mod N), the statistics are all-reduced so that every rank plans exactly the same
 compression, and rank 0 writes the output. NCCL on GPUs, gloo on CPU. Without torchrun (no ``WORLD_SIZE`` in
 the environment, or 1) nothing here initialises anything and the same code runs in one process.
@@ -41,6 +42,14 @@ class DistContext:
 
             dist.barrier()
 
+    def local_batches(self, n_batches: int) -> list[int]:
+        """The calibration batches this rank runs: b = rank, rank + world, ... (the runner's `BatchSplit`)."""
+        return [b for b in range(n_batches) if b % self.world == self.rank]
+
+    def reduce(self, observer, capture=None, local: list[int] | None = None) -> None:
+        """`reduce_observer`: every rank's statistics (the runner's `BatchSplit`)."""
+        reduce_observer(self, observer, capture, local)
+
     def close(self) -> None:
         if self.initialised_here:
             import torch.distributed as dist
@@ -49,15 +58,25 @@ class DistContext:
             self.initialised_here = False
 
 
+def world_size() -> int:
+    """The number of processes torchrun launched (``WORLD_SIZE``; 1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank_from_env() -> int:
+    """This process's rank as torchrun set it (``RANK``; 0 without torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def init_from_env(device: str) -> DistContext:
     """Join the process group that torchrun describes in the environment (``WORLD_SIZE``, ``RANK``,
     ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``); a single-process context otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     if world <= 1:
         return DistContext()
     import torch.distributed as dist
 
-    rank = int(os.environ.get("RANK", "0"))
+    rank = rank_from_env()
     local = int(os.environ.get("LOCAL_RANK", str(rank)))
     here = False
     if not dist.is_initialized():

@@ -1,7 +1,10 @@
 """The compression pipeline: model -> calibration runner -> statistics -> method plan -> surgery -> export.
 
-`compress` executes a validated `Recipe`. It is the only place that wires the stages together; the CLI calls
-it, and it never parses arguments itself.
+`compress` executes a validated `Recipe` as its ``execution`` field says: in memory (`compress_in_memory`: the
+whole model loaded, the layer runner with `ApplySink`) or streamed layer by layer (`moe_compress.streaming`; also
+under torchrun). It is the only place that wires the stages together; the CLI builds the recipe and calls it,
+and it never parses arguments itself. The one budget check (`check_budget`) and the one calibration-set
+builder (`build_calibration_set`) live here for every execution, the dry run and bench.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from moe_compress import __version__
-from moe_compress.calibration.runner import LayerRun, run_layers
+from moe_compress.calibration.runner import CalibrationBatches, LayerRun, LayerRunner, LayerSink
 from moe_compress.calibration.stats import Statistics
 from moe_compress.errors import UserError
 from moe_compress.export.card import model_card
@@ -28,10 +31,11 @@ from moe_compress.models.layer import ExpertSet
 from moe_compress.models.loading import CausalLM, Tokenizer, load_config, load_model, load_tokenizer, resolve_model
 from moe_compress.models.registry import Adapter, get_adapter
 from moe_compress.models.surgery import check_expert_count, write_block
-from moe_compress.recipe import Recipe
+from moe_compress.recipe import Calibration, Execution, Recipe
 
 if TYPE_CHECKING:
     from moe_compress.calibration.data import CalibrationSet
+    from moe_compress.streaming import StreamResult
 
 Progress = Callable[[str, int, int], None]
 
@@ -46,6 +50,7 @@ class CompressResult:
     stats: Statistics
     timings: dict[str, float] = field(default_factory=dict)
     companions: object = None  # `Method.companions` for a method that writes them (premoe: the domain patterns)
+    streamed: StreamResult | None = None  # a streamed run's record (then ``model`` is None: it never was in memory)
 
 
 def pick_device(name: str) -> str:
@@ -61,21 +66,28 @@ def pick_dtype(name: str) -> torch.dtype | str:
 
 
 def validate_budget(recipe: Recipe, adapter: Adapter, method: Method | None = None) -> int:
-    """The target expert count; a `UserError` if it is not a strict reduction or not a valid count, or if the
-    method's parameters or mode do not fit the model (`Method.check_model`, companions need --mode oneshot).
+    """The recipe's target expert count, checked by `check_budget`."""
+    return check_budget(adapter, recipe.target_experts(adapter.n_experts()), method, mode=recipe.mode)
+
+
+def check_budget(adapter: Adapter, n_new: int, method: Method | None = None, *, mode: str = "oneshot",
+                 label: str | None = None) -> int:
+    """The one expert-budget check (compress in memory or streamed, --dry-run, bench): ``n_new`` experts kept per
+    MoE layer; a `UserError` if it is not a strict reduction or not a valid count, or if the method's parameters
+    or mode do not fit the model (`Method.check_model`, companions need --mode oneshot). ``label`` names the
+    budget in the message (default ``--experts N``).
 
     For a method that keeps every expert (``keeps_experts``) the count is a parameter budget (the routed
     experts' parameters of that many experts), so the routing constraints on counts do not apply."""
     n_orig = adapter.n_experts()
-    n_new = recipe.target_experts(n_orig)
     if method is not None:
         method.check_model(adapter)
-        if method.writes_companions and recipe.mode == "sequential":
+        if method.writes_companions and mode == "sequential":
             raise UserError(f"method {method.name} scores every domain on the original model (--mode oneshot); in "
                             "sequential mode later layers would be scored on the all-domain checkpoint, not on "
                             "each domain's own: drop --mode sequential")
     if n_new >= n_orig:
-        raise UserError(f"--experts {n_new} must be smaller than the model's {n_orig} experts per layer")
+        raise UserError(f"{label or f'--experts {n_new}'} must be smaller than the model's {n_orig} experts per layer")
     if method is None or not method.keeps_experts:
         check_expert_count(adapter, n_new)
     elif adapter.width_problem() is not None:
@@ -115,11 +127,20 @@ def check_domains(method: Method, calib: CalibrationSet | None) -> list[str]:
 
 def calibration_set(recipe: Recipe, tokenizer: Tokenizer) -> CalibrationSet:
     """The recipe's calibration rows (a `UserError` when it has no calibration SPEC)."""
+    return build_calibration_set(recipe.calibration, tokenizer, _calibration_spec(recipe))
+
+
+def build_calibration_set(c: Calibration, tokenizer: Tokenizer, spec: str | None = None) -> CalibrationSet:
+    """The one calibration-set builder (compress in memory or streamed, bench): the rows of ``spec`` (default
+    ``c.data``) as ``c`` says (samples, sequence length, seed, packing, chat template)."""
     from moe_compress.calibration.data import build_calibration
 
-    c = recipe.calibration
-    return build_calibration(_calibration_spec(recipe), tokenizer, n_samples=c.n_samples, seq_len=c.seq_len,
-                             seed=c.seed, packing=c.packing, chat_template=c.chat_template)
+    spec = spec if spec is not None else c.data
+    if spec is None:
+        raise UserError("no calibration data: pass --calib SPEC (a file or folder of .txt/.jsonl, builtin:demo, "
+                        "hf:NAME)")
+    return build_calibration(spec, tokenizer, n_samples=c.n_samples, seq_len=c.seq_len, seed=c.seed,
+                             packing=c.packing, chat_template=c.chat_template)
 
 
 class MethodApplier:
@@ -179,43 +200,94 @@ class MethodApplier:
         self.n_kept, self.width = count, width
 
 
+class ApplySink(LayerSink):
+    """The layer runner's sink of a compression: at the end of each MoE layer, plan it from its statistics and
+    write the new experts into it (`MethodApplier`); ``stats`` (when given) keeps each layer's statistics in
+    float32. Without calibration data (``run.observer`` None) the layer is planned from its weights alone.
+    Returns "changed" for a calibrated MoE layer (``sequential`` mode then re-runs it)."""
+
+    def __init__(self, applier: MethodApplier, stats: Statistics | None = None):
+        self.applier, self.stats = applier, stats
+
+    def after_layer(self, run: LayerRun) -> bool:
+        if not run.is_moe:
+            return False
+        if run.observer is None:
+            self.applier.apply(run.index)
+            return False
+        layer_stats = {k: v.float() for k, v in run.observer.results().items()}
+        if self.stats is not None:
+            self.stats.layers[run.index] = layer_stats
+        self.applier.apply(run.index, layer_stats, run.moe_inputs, run.moe_domains)
+        return True
+
+
+def calibration_batches(calib: CalibrationSet | None, batch_size: int, split: Any = None) -> CalibrationBatches | None:
+    """``calib``'s rows (with their domain ids) in batches of ``batch_size``; this process's share under ``split``
+    (a `moe_compress.calibration.runner.BatchSplit`). None without data."""
+    from moe_compress.calibration.collect import calibration_domains
+
+    if calib is None:
+        return None
+    return CalibrationBatches.split(calib.input_ids, calib.attention_mask, calibration_domains(calib)[0],
+                                    batch_size, split)
+
+
 def plan_and_apply(method: Method, adapter: Adapter, model: torch.nn.Module, n_new: int, *,
                    calib: CalibrationSet | None = None, recipe: Recipe,
                    device: str, progress: Progress | None = None) -> tuple[dict[int, dict], Statistics, dict]:
-    """Run the method on every MoE layer (through the calibration runner when it needs data) and write the
-    new experts into ``model``. Returns (per-layer info, statistics, timings)."""
+    """Run the method on every MoE layer (the layer runner in memory, with `ApplySink`) and write the new
+    experts into ``model``. Returns (per-layer info, statistics, timings)."""
     from moe_compress.calibration.collect import calibration_domains
 
-    domains, names = calibration_domains(calib) if calib is not None else (None, [])
+    names = calibration_domains(calib)[1] if calib is not None else []
     applier = MethodApplier(method, adapter, model, n_new, recipe.seed, names)
     stats = Statistics()
-    if calib is None:
-        for i in applier.blocks:
-            applier.apply(i)
-            if progress:
-                progress("layers", len(applier.infos), len(applier.blocks))
-        timings = {"statistics": 0.0}
-    else:
-        t_start = time.perf_counter()
-
-        def on_layer(run: LayerRun) -> bool:
-            if run.observer is None:
-                return False
-            stats.layers[run.index] = {k: v.float() for k, v in run.observer.results().items()}
-            applier.apply(run.index, stats.layers[run.index], run.moe_inputs, run.moe_domains)
-            return True
-
-        run_layers(model, adapter, calib.input_ids, calib.attention_mask, on_layer=on_layer, mode=recipe.mode,
-                   device=device, batch_size=recipe.calibration.batch_size, keep_moe_inputs=method.needs_inputs,
-                   stats=tuple(method.needs), observer_options=method.observer_options(), progress=progress,
-                   domains=domains)
-        timings = {"statistics": time.perf_counter() - t_start - sum(applier.timings.values())}
+    t_start = time.perf_counter()
+    # without data nothing runs on the device: each layer is planned where it is (on the CPU)
+    runner = LayerRunner(model, adapter, mode=recipe.mode, device=device if calib is not None else "cpu",
+                         keep_moe_inputs=method.needs_inputs, stats=tuple(method.needs),
+                         observer_options=method.observer_options())
+    runner.run(calibration_batches(calib, recipe.calibration.batch_size), ApplySink(applier, stats),
+               progress=progress)
+    spent = time.perf_counter() - t_start - sum(applier.timings.values())
+    timings = {"statistics": spent if calib is not None else 0.0}
     applier.finish()
     return applier.infos, stats, {**timings, **applier.timings}
 
 
-def compress(recipe: Recipe, progress: Progress | None = None, write: bool = True) -> CompressResult:
-    """Execute ``recipe``: load, calibrate, plan, apply, and (if ``write``) export to ``recipe.output``."""
+def resolve_execution(recipe: Recipe) -> Execution:
+    """The recipe's ``execution`` made concrete for this process (``auto``: streamed under torchrun or with a
+    memory cap); a `UserError` for an in-memory run launched by torchrun."""
+    from moe_compress.distributed import world_size
+
+    world = world_size()
+    execution = recipe.execution.resolved(world)
+    if execution.mode == "memory" and world > 1:
+        raise UserError(f"this run was launched by torchrun ({world} processes), which needs streaming: drop "
+                        "execution.mode memory (or use --stream)")
+    return execution
+
+
+def compress(recipe: Recipe, progress: Progress | None = None, write: bool = True,
+             log: Callable[[str], None] | None = None) -> CompressResult:
+    """Execute ``recipe`` as its ``execution`` says (`resolve_execution`): in memory (`compress_in_memory`) or
+    streamed layer by layer (`moe_compress.streaming.compress_streaming`: always writes; ``result.model`` is
+    None and ``result.streamed`` holds its record). compression.json records the concrete execution."""
+    execution = resolve_execution(recipe)
+    recipe = recipe.model_copy(update={"execution": execution})
+    if execution.mode == "stream":
+        if not write:
+            raise UserError("a streamed compression writes its output layer by layer: it cannot run with write=False")
+        from moe_compress.streaming import compress_streaming
+
+        res = compress_streaming(recipe, progress=progress, log=log)
+        return CompressResult(None, None, res.manifest, Statistics(), res.timings, streamed=res)
+    return compress_in_memory(recipe, progress, write)
+
+
+def compress_in_memory(recipe: Recipe, progress: Progress | None = None, write: bool = True) -> CompressResult:
+    """Load the whole model, calibrate, plan, apply, and (if ``write``) export to ``recipe.output``."""
     t0 = time.perf_counter()
     if write:
         check_output_dir(recipe.output, recipe.overwrite)

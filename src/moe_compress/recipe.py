@@ -7,6 +7,7 @@ be re-run with ``moe-compress compress --recipe``.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
@@ -40,6 +41,55 @@ class Evaluation(_Strict):
     metrics: list[Literal["ppl", "kld", "top1"]] = ["ppl", "kld", "top1"]
 
 
+_UNITS = {"": 1, "b": 1, "k": 2 ** 10, "kb": 10 ** 3, "kib": 2 ** 10, "m": 2 ** 20, "mb": 10 ** 6,
+          "mib": 2 ** 20, "g": 2 ** 30, "gb": 10 ** 9, "gib": 2 ** 30, "t": 2 ** 40, "tb": 10 ** 12, "tib": 2 ** 40}
+
+
+def parse_size(text: str | int | float) -> int:
+    """``"20GiB"``, ``"20GB"`` (10^9), ``"512MiB"``, ``"1.5G"`` (binary), ``1000`` (bytes) -> bytes."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise UserError(f"cannot read memory size {text!r}: use e.g. 20GiB, 20GB, 512MiB")
+    value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if value <= 0:
+        raise UserError(f"memory size {text!r} must be positive")
+    return value
+
+
+class Execution(_Strict):
+    """How the run executes (the results are the same; the streamed checkpoint has one shard per layer).
+
+    mode: ``memory`` loads the whole model; ``stream`` reads one decoder layer at a time from a local
+    checkpoint folder, writes each compressed layer as its own shard and resumes an interrupted run
+    (`moe_compress.streaming`); ``auto`` streams when ``max_gpu_memory`` is set or the process was launched by
+    torchrun, else runs in memory. max_gpu_memory: a device-memory cap for streaming (``"20GiB"``, bytes): the
+    calibration batch size is chosen to fit it.
+    """
+
+    mode: Literal["auto", "memory", "stream"] = "auto"
+    max_gpu_memory: str | int | None = None
+
+    @model_validator(mode="after")
+    def _cap(self) -> Execution:
+        if self.max_gpu_memory is not None:
+            try:
+                parse_size(self.max_gpu_memory)
+            except UserError as e:
+                raise ValueError(str(e)) from None
+            if self.mode == "memory":
+                raise ValueError("max_gpu_memory streams layer by layer: use mode stream (or auto), or drop it")
+        return self
+
+    def resolved(self, world_size: int = 1) -> Execution:
+        """``auto`` made concrete for a run in ``world_size`` processes: ``stream`` under torchrun or with a cap."""
+        if self.mode != "auto":
+            return self
+        stream = self.max_gpu_memory is not None or world_size > 1
+        return self.model_copy(update={"mode": "stream" if stream else "memory"})
+
+
 class Recipe(_Strict):
     model: str
     method: str
@@ -56,6 +106,7 @@ class Recipe(_Strict):
     seed: int = 0
     trust_remote_code: bool = False
     evaluation: Evaluation | None = None
+    execution: Execution = Execution()
 
     @model_validator(mode="before")
     @classmethod

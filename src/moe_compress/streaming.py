@@ -36,9 +36,7 @@ import base64
 import copy
 import hashlib
 import json
-import math
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -48,9 +46,7 @@ from typing import Callable
 import torch
 
 from moe_compress import __version__
-from moe_compress.calibration.observers import InputCapture, LayerObserver, ObservedExperts, make_observers
-from moe_compress.calibration.runner import capture_layer_inputs
-from moe_compress.distributed import DistContext, broadcast_object, init_from_env, reduce_observer
+from moe_compress.distributed import DistContext, broadcast_object, init_from_env
 from moe_compress.errors import UserError
 from moe_compress.export.card import model_card
 from moe_compress.export.dtypes import SavePolicy, resolve_policy
@@ -64,29 +60,17 @@ from moe_compress.export.writer import (
     move_into_place,
     write_json,
 )
-from moe_compress.models.layer import MoELayer
+from moe_compress.methods.base import Method
+from moe_compress.models.lazy import LazyCheckpoint
+from moe_compress.pipeline import ApplySink, MethodApplier
+from moe_compress.recipe import Execution, Recipe, parse_size
 from moe_compress.sizes import fmt_bytes
+
+__all__ = ["MemoryPlan", "StreamResult", "StreamSink", "compress_streaming", "parse_size", "plan_memory"]
 
 Progress = Callable[[str, int, int], None]
 STATE_FILE = "progress.json"
 STATE_VERSION = 1
-
-_UNITS = {"": 1, "b": 1, "k": 2 ** 10, "kb": 10 ** 3, "kib": 2 ** 10, "m": 2 ** 20, "mb": 10 ** 6,
-          "mib": 2 ** 20, "g": 2 ** 30, "gb": 10 ** 9, "gib": 2 ** 30, "t": 2 ** 40, "tb": 10 ** 12, "tib": 2 ** 40}
-
-
-def parse_size(text: str | int | float) -> int:
-    """``"20GiB"``, ``"20GB"`` (10^9), ``"512MiB"``, ``"1.5G"`` (binary), ``1000`` (bytes) -> bytes."""
-    if isinstance(text, (int, float)):
-        return int(text)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise UserError(f"cannot read memory size {text!r}: use e.g. 20GiB, 20GB, 512MiB")
-    value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if value <= 0:
-        raise UserError(f"memory size {text!r} must be positive")
-    return value
-
 
 # -- memory planning ---------------------------------------------------------------------------------------------
 @dataclass
@@ -201,51 +185,15 @@ def plan_memory(lazy, method, calib, batch_size: int, cap: int | None, device: s
     return plan
 
 
-# -- helpers -----------------------------------------------------------------------------------------------------
-def _move(obj, device, memo: dict | None = None):
-    """Tensors inside args/kwargs (tuples, lists, dicts) moved to ``device``; shared tensors stay shared."""
-    if isinstance(obj, torch.Tensor):
-        if memo is None:
-            return obj.to(device)
-        key = id(obj)
-        if key not in memo:
-            memo[key] = (obj, obj.to(device))
-        return memo[key][1]
-    if isinstance(obj, tuple):
-        return tuple(_move(x, device, memo) for x in obj)
-    if isinstance(obj, list):
-        return [_move(x, device, memo) for x in obj]
-    if isinstance(obj, dict):
-        return {k: _move(v, device, memo) for k, v in obj.items()}
-    return obj
-
-
-def _forward(layer, hidden, calls, masks, observer, device, offload, domains, offsets, progress):
-    """Every local batch through ``layer`` (as the runner's `_forward_batches`; kwargs live on ``offload``
-    and move per batch; subsample selectors get the global real-token offset of each batch)."""
-    outs = []
-    with torch.inference_mode():
-        for b, (h, (args, kwargs), mask, dom, off) in enumerate(zip(hidden, calls, masks, domains, offsets)):
-            if observer is not None:
-                observer.token_mask = mask.to(device)
-                observer.token_domain = None if dom is None else dom.to(device)
-                for obs in observer.extra:
-                    sel = getattr(obs, "select", None)
-                    if sel is not None and hasattr(sel, "seen"):
-                        sel.seen = off
-            out = layer(h.to(device), *_move(args, device), **_move(kwargs, device))
-            out = out[0] if isinstance(out, tuple) else out
-            outs.append(out.detach().to(offload))
-            if progress:
-                progress("batches", b + 1, len(hidden))
-    return outs
-
-
-def _fingerprint(recipe, source: str, calib, batch_size: int, world: int, n_layers: int) -> tuple[str, dict]:
+# -- resuming ----------------------------------------------------------------------------------------------------
+def _fingerprint(recipe: Recipe, source: str, calib, batch_size: int, world: int, n_layers: int) -> tuple[str, dict]:
+    """What a partial run must match to be resumed. Not the execution: it changes nothing in the results beyond
+    the batch size and the number of processes, which are in the fingerprint."""
     from moe_compress.calibration.collect import model_fingerprint, tokens_sha256
 
     rec = json.loads(recipe.model_dump_json())
     rec.pop("overwrite", None)
+    rec.pop("execution", None)
     data = {"state_version": STATE_VERSION, "tool_version": __version__, "recipe": rec,
             "model": model_fingerprint(source), "n_layers": n_layers, "batch_size": batch_size, "world": world,
             "calibration": None if calib is None else {
@@ -304,10 +252,11 @@ class StreamResult:
 
 
 # -- the run -----------------------------------------------------------------------------------------------------
-def compress_streaming(recipe, *, max_gpu_memory: str | int | None = None, progress: Progress | None = None,
+def compress_streaming(recipe: Recipe, *, max_gpu_memory: str | int | None = None, progress: Progress | None = None,
                        log: Callable[[str], None] | None = None, offload_device: str = "cpu") -> StreamResult:
     """Compress ``recipe.model`` (a local safetensors checkpoint folder or builtin) into ``recipe.output``
-    layer by layer (see the module docstring). Joins a torch.distributed group when launched by torchrun."""
+    layer by layer (see the module docstring). Joins a torch.distributed group when launched by torchrun.
+    ``max_gpu_memory`` (default: the recipe's ``execution.max_gpu_memory``) caps the device memory."""
     dev_name = recipe.device
     if dev_name == "auto":
         dev_name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -318,15 +267,83 @@ def compress_streaming(recipe, *, max_gpu_memory: str | int | None = None, progr
         ctx.close()
 
 
-def _run(recipe, ctx: DistContext, max_gpu_memory, progress, log, offload) -> StreamResult:
-    from moe_compress.calibration.collect import calibration_domains
+def _check_streamable(method: Method) -> None:
+    if method.needs_teacher:
+        raise UserError(f"method {method.name}: the distillation stage needs the whole model in memory; "
+                        "run without --stream/--max-gpu-memory/torchrun, or set distill_steps=0")
+    if method.writes_companions:
+        raise UserError(f"method {method.name} writes one checkpoint per calibration domain beside the main one, "
+                        "which the streaming writer does not support; run without --stream/--max-gpu-memory/torchrun")
+    if method.keeps_experts:
+        raise UserError(f"method {method.name} narrows every expert (a new intermediate size), which the streaming "
+                        "writer does not support yet; run without --stream/--max-gpu-memory/torchrun")
+
+
+class StreamSink(ApplySink):
+    """Streaming's sink of the layer runner: plan + surgery as in memory (`ApplySink`), then commit each layer:
+    its shard (rank 0, hub names, written dtypes), the hidden states that feed the next layer (every rank, one
+    file each), then ``progress.json`` (rank 0: last completed layer, plan records, the method's generator state,
+    timings, the run's fingerprint), in that order, so that an interruption anywhere leaves a resumable state."""
+
+    def __init__(self, applier: MethodApplier, ctx: DistContext, lazy: LazyCheckpoint, partial: Path,
+                 policy: SavePolicy, n_files: int, key: str, key_data: dict, timings: dict[str, float]):
+        super().__init__(applier)
+        self.ctx, self.lazy, self.partial, self.policy, self.n_files = ctx, lazy, partial, policy, n_files
+        self.key, self.key_data, self.timings = key, key_data, timings
+        self.local: list[int] = []  # this rank's calibration batches (the names of its saved hidden states)
+        self.mark()
+
+    def mark(self) -> None:
+        """Start timing the next layer's statistics (the time to its commit, less planning)."""
+        self._t, self._plan = time.perf_counter(), sum(self.applier.timings.values())
+
+    def resume(self, state: dict) -> int:
+        """Take over a partial run's plan records, generator state and timings; the first layer to compute."""
+        applier = self.applier
+        applier.infos = {int(i): v for i, v in state["infos"].items()}
+        applier.generator.set_state(torch.frombuffer(bytearray(base64.b64decode(state["generator"])),
+                                                     dtype=torch.uint8).clone())
+        for k, v in state["timings"].items():
+            (applier.timings if k in applier.timings else self.timings)[k] = float(v)
+        return int(state["done"]) + 1
+
+    def commit(self, index: int, layer: torch.nn.Module, hidden: list[torch.Tensor]) -> None:
+        ctx, partial, applier = self.ctx, self.partial, self.applier
+        t1 = time.perf_counter()
+        self.timings["statistics"] += t1 - self._t - (sum(applier.timings.values()) - self._plan)
+        if ctx.is_writer:
+            write_shard(partial / shard_name(index, self.n_files),
+                        self.policy.cast(hub_tensors(self.lazy.model.config.model_type, self.lazy.adapter.spec.layout,
+                                                     f"{self.lazy.layer_prefix}{index}.", layer.state_dict())))
+        if hidden:
+            write_shard(_hidden_file(partial, index, ctx.rank),
+                        {f"b{b}": h.contiguous() for b, h in zip(self.local, hidden)})
+        ctx.barrier()
+        self.timings["write"] += time.perf_counter() - t1
+        if ctx.is_writer:
+            _atomic_json(partial / STATE_FILE, {
+                "fingerprint": self.key, "fingerprint_data": self.key_data, "done": index,
+                "infos": {str(k): v for k, v in sorted(applier.infos.items())},
+                "generator": base64.b64encode(applier.generator.get_state().numpy().tobytes()).decode(),
+                "timings": {**self.timings, **applier.timings}})
+        ctx.barrier()
+        old = _hidden_file(partial, index - 1, ctx.rank)
+        if old.exists():
+            old.unlink()
+        self.mark()
+
+
+def _run(recipe: Recipe, ctx: DistContext, max_gpu_memory: str | int | None, progress: Progress | None,
+         log: Callable[[str], None] | None, offload: str) -> StreamResult:
+    """The streaming configuration of the layer runner: `LazyCheckpoint` source, ``ctx`` split, `StreamSink`."""
+    from moe_compress.calibration.runner import LayerRunner
     from moe_compress.methods.base import get_method
-    from moe_compress.models.lazy import LazyCheckpoint
     from moe_compress.models.loading import load_tokenizer, resolve_model
     from moe_compress.pipeline import (
-        MethodApplier,
         build_manifest,
+        calibration_batches,
         calibration_set,
+        check_domains,
         pick_device,
         pick_dtype,
         require_calibration,
@@ -339,15 +356,7 @@ def _run(recipe, ctx: DistContext, max_gpu_memory, progress, log, offload) -> St
     check_output_dir(out, recipe.overwrite)
     method = get_method(recipe.method, **recipe.params)
     require_calibration(recipe, method)
-    if method.needs_teacher:
-        raise UserError(f"method {method.name}: the distillation stage needs the whole model in memory; "
-                        "run without --stream/--max-gpu-memory/torchrun, or set distill_steps=0")
-    if method.writes_companions:
-        raise UserError(f"method {method.name} writes one checkpoint per calibration domain beside the main one, "
-                        "which the streaming writer does not support; run without --stream/--max-gpu-memory/torchrun")
-    if method.keeps_experts:
-        raise UserError(f"method {method.name} narrows every expert (a new intermediate size), which the streaming "
-                        "writer does not support yet; run without --stream/--max-gpu-memory/torchrun")
+    _check_streamable(method)
     device = pick_device(recipe.device)
     if ctx.active and device.startswith("cuda"):
         device = f"cuda:{ctx.local_rank}"
@@ -355,26 +364,29 @@ def _run(recipe, ctx: DistContext, max_gpu_memory, progress, log, offload) -> St
     if not Path(source).is_dir():
         raise UserError(f"streaming compression reads a local checkpoint folder; {recipe.model} is not one "
                         "(download it first, e.g. `hf download ID --local-dir DIR`)")
+    if max_gpu_memory is None:
+        max_gpu_memory = recipe.execution.max_gpu_memory
     cap = None if max_gpu_memory is None else parse_size(max_gpu_memory)
+    recipe = recipe.model_copy(update={"execution": Execution(mode="stream", max_gpu_memory=max_gpu_memory)})
     lazy = LazyCheckpoint(source, dtype=pick_dtype(recipe.dtype), trust_remote_code=recipe.trust_remote_code)
     model, adapter = lazy.model, lazy.adapter
     n_orig = adapter.n_experts()
-    n_new = validate_budget(recipe, adapter)
+    n_new = validate_budget(recipe, adapter, method)
     original_params = sum(p.numel() for p in model.parameters())  # meta tensors count too
     policy = resolve_policy(recipe.save_dtype, source, model.config, type(model))
     tokenizer = calib = None
     if method.needs_data:
         tokenizer = load_tokenizer(source, trust_remote_code=recipe.trust_remote_code)
         calib = calibration_set(recipe, tokenizer)
+    names = check_domains(method, calib)
     mem = plan_memory(lazy, method, calib, recipe.calibration.batch_size, cap, device, n_new)
     bs = mem.batch_size
     if log and cap is not None and ctx.is_writer:
         log(f"max GPU memory {fmt_bytes(cap)}: batch size {bs}, estimated peak {fmt_bytes(mem.estimate())} "
             f"(one layer {fmt_bytes(mem.layer)})")
 
-    layers = adapter.decoder_layers(model)
-    blocks = adapter.moe_blocks(model)
-    n_layers, n_files = len(layers), len(layers) + 1
+    n_layers = len(adapter.decoder_layers(model))
+    n_files = n_layers + 1
     key, key_data = _fingerprint(recipe, source, calib, bs, ctx.world, n_layers)
     partial = out.parent / f".{out.name}.partial"
     state = error = None
@@ -391,137 +403,32 @@ def _run(recipe, ctx: DistContext, max_gpu_memory, progress, log, offload) -> St
     if error is not None:
         raise UserError(error)
 
-    applier = MethodApplier(method, adapter, model, n_new, recipe.seed)
+    applier = MethodApplier(method, adapter, model, n_new, recipe.seed, names)
     timings = {"load": 0.0, "statistics": 0.0, "write": 0.0}
+    sink = StreamSink(applier, ctx, lazy, partial, policy, n_files, key, key_data, timings)
     start = 0
     if state is not None:
-        start = int(state["done"]) + 1
-        applier.infos = {int(i): v for i, v in state["infos"].items()}
-        applier.generator.set_state(torch.frombuffer(bytearray(base64.b64decode(state["generator"])),
-                                                     dtype=torch.uint8).clone())
-        for k, v in state["timings"].items():
-            (applier.timings if k in applier.timings else timings)[k] = float(v)
+        start = sink.resume(state)
         if log and ctx.is_writer:
             log(f"resuming the interrupted run in {partial}: layers 0..{start - 1} done, continuing at {start}")
+    batches = calibration_batches(calib, bs, ctx)
+    hidden = None
+    if batches is not None and batches.local and 0 < start < n_layers:
+        from safetensors.torch import load_file
+
+        saved = load_file(str(_hidden_file(partial, start - 1, ctx.rank)))
+        hidden = [saved[f"b{b}"].to(offload) for b in batches.local]
+        del saved
+    sink.local = batches.local if batches is not None else []
     timings["load"] += time.perf_counter() - t_start
-
-    # calibration batches of this rank, their inputs and masks -------------------------------------------------
-    mine: list[int] = []
-    hidden: list[torch.Tensor] = []
-    calls: list[list[tuple]] = [[] for _ in layers]
-    masks, domains, offsets = [], [], []
-    options = dict(method.observer_options())
-    if calib is not None and start < n_layers:
-        t0 = time.perf_counter()
-        ids, am = calib.input_ids, calib.attention_mask
-        n_rows = int(ids.shape[0])
-        n_batches = math.ceil(n_rows / bs)
-        mine = [b for b in range(n_batches) if b % ctx.world == ctx.rank]
-        dom_ids, _ = calibration_domains(calib)
-        all_masks = [(torch.ones((min(n_rows, (b + 1) * bs) - b * bs) * ids.shape[1], dtype=torch.bool)
-                      if am is None else am[b * bs:(b + 1) * bs].reshape(-1).bool()) for b in range(n_batches)]
-        real = [int(m.sum()) for m in all_masks]
-        options["total_tokens"] = sum(real)
-        starts = [sum(real[:b]) for b in range(n_batches)]
-        masks = [all_masks[b] for b in mine]
-        offsets = [starts[b] for b in mine]
-        domains = [None if dom_ids is None else dom_ids[b * bs:(b + 1) * bs].repeat_interleave(ids.shape[1])
-                   for b in mine]
-        if mine:
-            model.eval()
-            embeds = []
-            for b in mine:  # one batch at a time: only one batch's embeddings and kwargs on the device
-                emb, per_layer = capture_layer_inputs(model, ids[b * bs:(b + 1) * bs],
-                                                      None if am is None else am[b * bs:(b + 1) * bs], device, bs)
-                memo: dict = {}
-                embeds.append(emb[0].to(offload))
-                for i, per in enumerate(per_layer):
-                    calls[i].append(_move(per[0], offload, memo))
-                del emb, per_layer, memo
-            base = getattr(model, "model", model)
-            for name, m in base.named_children():
-                if name != "layers":
-                    m.to("cpu")
-            if start == 0:
-                hidden = [e.to(offload) for e in embeds]
-            else:
-                from safetensors.torch import load_file
-
-                saved = load_file(str(_hidden_file(partial, start - 1, ctx.rank)))
-                hidden = [saved[f"b{b}"].to(offload) for b in mine]
-                del saved
-            del embeds
-        timings["statistics"] += time.perf_counter() - t0
-
-    # layer by layer -------------------------------------------------------------------------------------------
-    prefix = lazy._prefix
-    for i in range(start, n_layers):
-        layer = layers[i]
-        t0 = time.perf_counter()
-        lazy.load(i, layer, device)
-        observer: ObservedExperts | None = None
-        capture: InputCapture | None = None
-        view: MoELayer | None = None
-        extra: list[LayerObserver] = []
-        stats: dict[str, torch.Tensor] = {}
-        plan_before = sum(applier.timings.values())
-        if calib is not None and i in blocks:
-            view = adapter.layer(model, i, blocks[i])
-            extra = make_observers(view, tuple(method.needs), **options)
-            if method.needs_inputs:
-                capture = InputCapture(view, offload_device=offload)
-                extra.append(capture)
-            observer = ObservedExperts(view, extra).install()
-        outputs = hidden
-        if calib is not None:
-            outputs = _forward(layer, hidden, calls[i], masks, observer, device, offload, domains, offsets,
-                               progress)
-        if observer is not None:
-            observer.remove()
-            reduce_observer(ctx, observer, capture, mine)
-        if i in blocks:
-            if calib is None:
-                applier.apply(i)
-            else:
-                assert observer is not None  # installed above on every MoE layer of a calibrated run
-                stats = {k: v.float() for k, v in observer.results().items()}
-                applier.apply(i, stats, None if capture is None else capture.inputs(),
-                              None if capture is None else capture.domains())
-                if recipe.mode == "sequential":
-                    outputs = _forward(layer, hidden, calls[i], masks, None, device, offload, domains, offsets,
-                                       progress)
-            # drop this layer's observers, inputs and statistics before it is written
-            observer, capture, view, extra, stats = None, None, None, [], {}  # noqa: F841
-        hidden = outputs
-        calls[i] = []
-        t1 = time.perf_counter()
-        timings["statistics"] += t1 - t0 - (sum(applier.timings.values()) - plan_before)
-        # write the layer, the hidden states that feed the next one, then commit the progress
-        if ctx.is_writer:
-            write_shard(partial / shard_name(i, n_files),
-                        policy.cast(hub_tensors(model.config.model_type, adapter.spec.layout, f"{prefix}{i}.",
-                                                layer.state_dict())))
-        lazy.release(i, layer, offload)
-        if calib is not None and mine:
-            write_shard(_hidden_file(partial, i, ctx.rank), {f"b{b}": h.contiguous() for b, h in zip(mine, hidden)})
-        ctx.barrier()
-        timings["write"] += time.perf_counter() - t1
-        if ctx.is_writer:
-            all_t = {**timings, **applier.timings}
-            _atomic_json(partial / STATE_FILE, {
-                "fingerprint": key, "fingerprint_data": key_data, "done": i,
-                "infos": {str(k): v for k, v in sorted(applier.infos.items())},
-                "generator": base64.b64encode(applier.generator.get_state().numpy().tobytes()).decode(),
-                "timings": all_t})
-        ctx.barrier()
-        old = _hidden_file(partial, i - 1, ctx.rank)
-        if old.exists():
-            old.unlink()
-        if progress:
-            progress("layers", i + 1, n_layers)
+    sink.mark()
+    runner = LayerRunner(model, adapter, source=lazy, split=ctx, mode=recipe.mode, device=device,
+                         offload_device=offload, keep_moe_inputs=method.needs_inputs, stats=tuple(method.needs),
+                         observer_options=method.observer_options())
+    runner.run(batches, sink, start=start, hidden=hidden, progress=progress)
     del hidden
 
-    missing = set(blocks) - set(applier.infos)
+    missing = set(applier.blocks) - set(applier.infos)
     if missing:
         raise RuntimeError(f"MoE layers {sorted(missing)} were not compressed")
     all_timings = {**timings, **applier.timings}
@@ -541,19 +448,11 @@ def _finish(partial: Path, out: Path, lazy, adapter, n_new: int, n_files: int, s
             manifest: dict, overwrite: bool, policy: SavePolicy, original_params: int) -> None:
     """Write the non-layer weights (in their written dtypes), index, config, tokenizer, manifest (with the
     written dtypes and sizes) and card; rename into ``out``."""
-    from moe_compress.models.lazy import _memory_to_disk
     from moe_compress.models.registry import get_adapter
     from moe_compress.pipeline import source_size
 
     model = lazy.model
-    layer_disk_prefix = _memory_to_disk(lazy._prefix, lazy.names)
-    rest = {}
-    for k in sorted(lazy.files.keys()):
-        if k.startswith(layer_disk_prefix):
-            continue
-        code = lazy.files.entries[k][1]
-        floating = code in ("F64", "F32", "F16", "BF16")
-        rest[k] = lazy.files.read(k, dtype=lazy.dtype if floating else None).contiguous()
+    rest = lazy.outside_tensors()
     write_shard(partial / shard_name(n_files - 1, n_files), policy.cast(rest))
     del rest
     write_index(partial, [shard_name(i, n_files) for i in range(n_files)])

@@ -336,6 +336,25 @@ class LazyCheckpoint(LayerSource):
         layer.load_state_dict(meta, strict=False, assign=True)
         self._count(-self.layer_bytes.get(index, 0))
 
+    @property
+    def layer_prefix(self) -> str:
+        """The in-memory state-dict prefix of the decoder layers (``model.layers.``): layer i's keys start with
+        ``f"{layer_prefix}{i}."``."""
+        return self._prefix
+
+    def outside_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the checkpoint outside the decoder layers (embeddings, final norm, LM head, ...), by
+        its on-disk name in sorted order; floating-point ones in the model's dtype, the others as stored."""
+        layers = _memory_to_disk(self._prefix, self.names)
+        out = {}
+        for key in sorted(self.files.keys()):
+            if key.startswith(layers):
+                continue
+            stored = self.files.dtype(key)
+            floating = stored is not None and stored.is_floating_point
+            out[key] = self.files.read(key, dtype=self.dtype if floating else None).contiguous()
+        return out
+
     def checkpoint_bytes(self) -> int:
         """Total bytes of the tensors in the checkpoint files."""
         return sum(e[4] for e in self.files.entries.values())
