@@ -1,14 +1,17 @@
 """Streaming compression: models bigger than the GPU (and than CPU RAM), resumable, on one or several GPUs.
 
-`compress_streaming(recipe)` does what `pipeline.compress` does, without ever building the whole model:
+`compress_streaming(recipe)` (what `pipeline.compress` runs for ``execution.mode: stream``) does what the in-memory
+compression does, without ever building the whole model. It is the layer runner
+(`moe_compress.calibration.runner.LayerRunner`) with the `LazyCheckpoint` as its source, the torchrun
+`DistContext` as its batch split and `StreamSink` as its sink:
 
 1. the model is a `LazyCheckpoint` skeleton (parameters on the meta device; embeddings and final norm real);
-2. the calibration set goes through the embeddings once (input capture, as in the runner);
+2. the calibration set goes through the embeddings once (the runner's input capture);
 3. for each decoder layer in order: its weights are read from the safetensors shards straight onto the
    device, every calibration batch runs through it with the statistics observers installed, the method plans
-   the layer and surgery writes the new experts, the compressed layer is converted to hub key names and
-   written as its own shard (``model-0000{i+1}-of-0000{L+1}.safetensors``), and the layer goes back to meta;
-   ``oneshot``/``sequential`` feeding exactly as in the in-memory runner;
+   the layer and surgery writes the new experts (`pipeline.ApplySink`), the compressed layer is converted to hub
+   key names and written as its own shard (``model-0000{i+1}-of-0000{L+1}.safetensors``; `StreamSink.commit`),
+   and the layer goes back to meta; ``oneshot``/``sequential`` feeding as in memory (the same runner);
 4. the weights outside the layers are copied into the last shard, then the index, the config with the new
    expert count, the tokenizer, compression.json and the model card; the folder is renamed into place.
 
