@@ -499,8 +499,7 @@ def _run(recipe, ctx: DistContext, max_gpu_memory, progress, log, offload) -> St
         # write the layer, the hidden states that feed the next one, then commit the progress
         if ctx.is_writer:
             write_shard(partial / shard_name(i, n_files),
-                        policy.cast(hub_tensors(model.config.model_type, adapter.spec.layout, f"{prefix}{i}.",
-                                                layer.state_dict())))
+                        policy.cast(hub_tensors(adapter.spec, f"{prefix}{i}.", layer.state_dict())))
         lazy.release(i, layer, offload)
         if calib is not None and mine:
             write_shard(_hidden_file(partial, i, ctx.rank), {f"b{b}": h.contiguous() for b, h in zip(mine, hidden)})
@@ -541,12 +540,11 @@ def _finish(partial: Path, out: Path, lazy, adapter, n_new: int, n_files: int, s
             manifest: dict, overwrite: bool, policy: SavePolicy, original_params: int) -> None:
     """Write the non-layer weights (in their written dtypes), index, config, tokenizer, manifest (with the
     written dtypes and sizes) and card; rename into ``out``."""
-    from moe_compress.models.lazy import _memory_to_disk
     from moe_compress.models.registry import get_adapter
     from moe_compress.pipeline import source_size
 
     model = lazy.model
-    layer_disk_prefix = _memory_to_disk(lazy._prefix, lazy.names)
+    layer_disk_prefix = lazy.names.to_disk(lazy._prefix)
     rest = {}
     for k in sorted(lazy.files.keys()):
         if k.startswith(layer_disk_prefix):
