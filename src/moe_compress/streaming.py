@@ -316,8 +316,8 @@ class StreamSink(ApplySink):
         self.timings["statistics"] += t1 - self._t - (sum(applier.timings.values()) - self._plan)
         if ctx.is_writer:
             write_shard(partial / shard_name(index, self.n_files),
-                        self.policy.cast(hub_tensors(self.lazy.model.config.model_type, self.lazy.adapter.spec.layout,
-                                                     f"{self.lazy.layer_prefix}{index}.", layer.state_dict())))
+                        self.policy.cast(hub_tensors(self.lazy.adapter.spec, f"{self.lazy.layer_prefix}{index}.",
+                                                     layer.state_dict())))
         if hidden:
             write_shard(_hidden_file(partial, index, ctx.rank),
                         {f"b{b}": h.contiguous() for b, h in zip(self.local, hidden)})

@@ -129,12 +129,9 @@ def resolve_policy(save_dtype: str, source_path: str, config, model_class=None) 
 def cast_model(model, adapter, policy: SavePolicy) -> None:
     """Cast ``model``'s saved tensors (parameters and persistent buffers) in place to their written dtypes and
     set ``config.dtype`` to the policy's main dtype."""
-    from moe_compress.models.lazy import disk_key
-
-    model_type, layout = model.config.model_type, adapter.spec.layout
     seen: set[int] = set()
     for key, ref in model.state_dict(keep_vars=True).items():
-        target = policy.dtype_for(disk_key(model_type, layout, key), ref.dtype)
+        target = policy.dtype_for(adapter.spec.hub_name(key), ref.dtype)
         if id(ref) in seen or ref.dtype == target:
             continue
         seen.add(id(ref))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from moe_compress.models.lazy import DISK_NAMES, _memory_to_disk
+from moe_compress.models.archs import ArchSpec
 
 
 def shard_name(index: int, total: int) -> str:
@@ -24,30 +24,19 @@ def shard_name(index: int, total: int) -> str:
     return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
 
 
-def hub_tensors(model_type: str, layout: str, prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def hub_tensors(spec: ArchSpec, prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """In-memory (transformers 5) state-dict entries under ``prefix`` -> {hub key: contiguous CPU tensor}.
 
-    Fused expert tensors (``...experts.gate_up_proj [E, 2I, H]``, ``...experts.down_proj [E, H, I]``) are split
-    into one tensor per expert and projection (layout ``fused``); gpt_oss keeps its fused hub names.
+    The experts' storage tensors of a family whose hub checkpoints hold one tensor per expert
+    (``spec.disk.per_expert``) are split into one tensor per expert and projection (`ArchSpec.hub_split`);
+    every other entry (gpt_oss's fused experts included) keeps its tensor under its hub name.
     """
-    names = DISK_NAMES[model_type]
-    gate, up, down = names.expert_leaves
     out: dict[str, torch.Tensor] = {}
     for name, t in state.items():
         key = prefix + name
         t = t.detach().to("cpu")
-        leaf = key.rsplit(".", 1)[-1]
-        if layout == "fused" and leaf in ("gate_up_proj", "down_proj") and ".experts." in key:
-            base = key.rsplit(".", 1)[0]
-            for e in range(t.shape[0]):
-                if leaf == "down_proj":
-                    out[_memory_to_disk(f"{base}.{e}.{down}.weight", names)] = t[e].contiguous().clone()
-                else:
-                    inter = t.shape[1] // 2
-                    out[_memory_to_disk(f"{base}.{e}.{gate}.weight", names)] = t[e, :inter].contiguous().clone()
-                    out[_memory_to_disk(f"{base}.{e}.{up}.weight", names)] = t[e, inter:].contiguous().clone()
-        else:
-            out[_memory_to_disk(key, names)] = t.contiguous().clone()
+        for hub_key, part in spec.hub_split(key, t) or [(spec.disk.to_disk(key), t)]:
+            out[hub_key] = part.contiguous().clone()
     return out
 
 

@@ -13,11 +13,12 @@ Checkpoint key names. `save_pretrained` writes hub-style names with one tensor p
 ``model.layers.0.block_sparse_moe.experts.3.w1.weight`` or Qwen/DeepSeek/OLMoE
 ``model.layers.0.mlp.experts.3.gate_proj.weight``, while transformers 5 holds the experts fused
 (``mlp.experts.gate_up_proj [E, 2I, H]``, ``mlp.experts.down_proj [E, H, I]``). transformers converts them
-with its weight-conversion machinery at load time; here the (small) per-family table `DISK_NAMES` gives the
-renames (disk substring -> memory substring) and the per-expert leaf names (gate, up, down), and the reader
-stacks the experts itself: expert e's gate goes to ``gate_up_proj[e, :I]``, its up to ``gate_up_proj[e, I:]``,
-its down to ``down_proj[e]``. A key already in transformers' fused form (gpt_oss's hub format, or a checkpoint
-written with ``save_original_format=False``) is read as is. Quantised checkpoints (FP8 scales, MXFP4 blocks)
+with its weight-conversion machinery at load time; here the family's spec gives the renames and the
+per-expert leaf names (`ArchSpec.disk`, models/archs.py) and the reader stacks the experts itself, each into its
+slice of the fused tensor as the family's `ExpertLayout` places it (`ArchSpec.hub_split`; transformers 5's
+default: expert e's gate goes to ``gate_up_proj[e, :I]``, its up to ``gate_up_proj[e, I:]``, its down to
+``down_proj[e]``). A key already in transformers' fused form (gpt_oss's hub format, or a checkpoint written
+with ``save_original_format=False``) is read as is. Quantised checkpoints (FP8 scales, MXFP4 blocks)
 are not supported: a missing key is a `UserError`.
 
 Tensors are read with plain file reads straight into their destination (for experts, into their slice of the
@@ -29,10 +30,8 @@ goes back to the OS.
 from __future__ import annotations
 
 import json
-import re
 import struct
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Literal
 
@@ -45,30 +44,6 @@ from moe_compress.models.registry import Adapter, get_adapter
 if TYPE_CHECKING:
     import ctypes
 
-
-@dataclass(frozen=True)
-class DiskNames:
-    """How one family's hub-style checkpoint names differ from the in-memory (transformers 5) names.
-
-    renames: (disk substring, memory substring) pairs applied in order; expert_leaves: the per-expert module
-    names of (gate, up, down) under ``...experts.{e}.``.
-    """
-
-    renames: tuple[tuple[str, str], ...] = ()
-    expert_leaves: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
-
-
-DISK_NAMES: dict[str, DiskNames] = {
-    "mixtral": DiskNames(((".block_sparse_moe.", ".mlp."),), ("w1", "w3", "w2")),
-    "phimoe": DiskNames(((".block_sparse_moe.", ".mlp."), (".mlp.gate.weight", ".mlp.router.weight")),
-                        ("w1", "w3", "w2")),
-    "qwen2_moe": DiskNames(),
-    "qwen3_moe": DiskNames(),
-    "olmoe": DiskNames(),
-    "deepseek_v2": DiskNames(),
-    "deepseek_v3": DiskNames(),
-    "gpt_oss": DiskNames(),  # hub format is the fused one
-}
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -182,33 +157,6 @@ def _return_freed_memory() -> None:
 _LIBC: ctypes.CDLL | Literal[False] | None = None  # None: not tried yet; False: no glibc here
 
 
-def _disk_to_memory(name: str, names: DiskNames) -> str:
-    for old, new in names.renames:
-        name = name.replace(old, new)
-    return name
-
-
-def _memory_to_disk(name: str, names: DiskNames) -> str:
-    for old, new in reversed(names.renames):
-        name = name.replace(new, old)
-    return name
-
-
-def disk_key(model_type: str, layout: str, mem_key: str) -> str:
-    """The hub (on-disk) name of in-memory state-dict entry ``mem_key``; for a fused expert tensor
-    (``...experts.gate_up_proj`` / ``...experts.down_proj`` of the ``fused`` layout) the name of expert 0's
-    (first) slice of it."""
-    names = DISK_NAMES[model_type]
-    base, _, leaf = mem_key.rpartition(".")
-    if layout == "fused" and leaf in ("gate_up_proj", "down_proj") and base.endswith(".experts"):
-        gate, _up, down = names.expert_leaves
-        return _memory_to_disk(f"{base}.0.{down if leaf == 'down_proj' else gate}.weight", names)
-    return _memory_to_disk(mem_key, names)
-
-
-_EXPERT_KEY = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<e>\d+)\.(?P<leaf>[^.]+)\.weight$")
-
-
 class LazyCheckpoint(LayerSource):
     """A local safetensors checkpoint opened for layer-by-layer use (see the module docstring).
 
@@ -226,7 +174,7 @@ class LazyCheckpoint(LayerSource):
         except (OSError, ValueError) as e:
             raise UserError(f"cannot read the config of {path}: {str(e).splitlines()[0]}") from e
         self.adapter: Adapter = get_adapter(config)
-        self.names = DISK_NAMES[config.model_type]
+        self.names = self.adapter.spec.disk
         if dtype in (None, "auto"):
             dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
             dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -238,7 +186,7 @@ class LazyCheckpoint(LayerSource):
         self.adapter = get_adapter(self.model)
         self.layers = self.adapter.decoder_layers(self.model)
         self._prefix = self._layers_prefix()
-        self._disk_keys = {_disk_to_memory(k, self.names): k for k in self.files.keys()}
+        self._disk_keys = {self.names.to_memory(k): k for k in self.files.keys()}
         self.live_bytes = 0
         self.peak_bytes = 0
         self.layer_bytes: dict[int, int] = {}
@@ -260,23 +208,13 @@ class LazyCheckpoint(LayerSource):
         return True
 
     def _read_experts(self, mem_key: str, target: torch.Tensor) -> bool:
-        """Stack per-expert hub tensors into a fused ``...experts.gate_up_proj`` / ``down_proj`` target."""
-        prefix, leaf = mem_key.rsplit(".", 1)
-        if leaf not in ("gate_up_proj", "down_proj") or self.adapter.spec.layout != "fused":
+        """Read per-expert hub tensors into their slices of a fused ``...experts.gate_up_proj`` / ``down_proj``
+        (+ biases) target (`ArchSpec.hub_split`); False if this entry is not stored per expert or one is absent."""
+        parts = self.adapter.spec.hub_split(mem_key, target)
+        if parts is None or not all(key in self.files for key, _ in parts):
             return False
-        gate, up, down = self.names.expert_leaves
-        disk = lambda e, lf: _memory_to_disk(f"{prefix}.{e}.{lf}.weight", self.names)  # noqa: E731
-        n = target.shape[0]
-        parts = [gate, up] if leaf == "gate_up_proj" else [down]
-        if not all(disk(e, lf) in self.files for e in range(n) for lf in parts):
-            return False
-        for e in range(n):
-            if leaf == "down_proj":
-                self.files.read(disk(e, down), out=target[e])
-            else:
-                inter = target.shape[1] // 2
-                self.files.read(disk(e, gate), out=target[e, :inter])
-                self.files.read(disk(e, up), out=target[e, inter:])
+        for key, view in parts:
+            self.files.read(key, out=view)
         return True
 
     def _materialise(self, module: torch.nn.Module, prefix: str, device) -> dict[str, torch.Tensor]:
@@ -345,7 +283,7 @@ class LazyCheckpoint(LayerSource):
     def outside_tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor of the checkpoint outside the decoder layers (embeddings, final norm, LM head, ...), by
         its on-disk name in sorted order; floating-point ones in the model's dtype, the others as stored."""
-        layers = _memory_to_disk(self._prefix, self.names)
+        layers = self.names.to_disk(self._prefix)
         out = {}
         for key in sorted(self.files.keys()):
             if key.startswith(layers):
@@ -371,10 +309,10 @@ def write_random_checkpoint(config, folder: str | Path, dtype: torch.dtype = tor
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    names = DISK_NAMES[config.model_type]
     with params_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     adapter = get_adapter(model)
+    spec, names = adapter.spec, adapter.spec.disk
     layers = adapter.decoder_layers(model)
     gen = torch.Generator().manual_seed(seed)
 
@@ -391,24 +329,16 @@ def write_random_checkpoint(config, folder: str | Path, dtype: torch.dtype = tor
         for name, ref in module.state_dict(keep_vars=True).items():
             key = prefix + name
             t = value(key, ref)
-            leaf = key.rsplit(".", 1)[-1]
-            if adapter.spec.layout == "fused" and leaf in ("gate_up_proj", "down_proj") and ".experts." in key:
-                base = key.rsplit(".", 1)[0]
-                gate, up, down = names.expert_leaves
-                for e in range(t.shape[0]):
-                    if leaf == "down_proj":
-                        out[_memory_to_disk(f"{base}.{e}.{down}.weight", names)] = t[e].clone()
-                    else:
-                        inter = t.shape[1] // 2
-                        out[_memory_to_disk(f"{base}.{e}.{gate}.weight", names)] = t[e, :inter].clone()
-                        out[_memory_to_disk(f"{base}.{e}.{up}.weight", names)] = t[e, inter:].clone()
+            parts = spec.hub_split(key, t)
+            if parts is None:
+                out[names.to_disk(key)] = t.contiguous()
             else:
-                out[_memory_to_disk(key, names)] = t.contiguous()
+                out.update((k, v.clone()) for k, v in parts)
         return out
 
     layers_name = next(n for n, m in model.named_modules() if m is layers)
     outside = {k: v for k, v in model.state_dict(keep_vars=True).items() if not k.startswith(layers_name + ".")}
-    rest = {_memory_to_disk(key, names): value(key, ref) for key, ref in outside.items()
+    rest = {names.to_disk(key): value(key, ref) for key, ref in outside.items()
             if not (key.startswith("lm_head.") and getattr(config, "tie_word_embeddings", False))}
     n_files = len(layers) + 1
     weight_map = {}

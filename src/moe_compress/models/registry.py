@@ -1,71 +1,21 @@
-"""Architectures as data: where each family keeps its MoE blocks, routers, experts and expert count.
-
-One `ArchSpec` row per supported ``config.model_type``; `get_adapter` turns a model (or config) into an
-`Adapter` that yields `MoELayer` views and knows the routing rule and the expert-count field.
+"""The adapter over the architecture table: `get_adapter` turns a model (or config) into an `Adapter` that yields
+`MoELayer` views and knows the routing rule and the expert-count field, all read from the family's `ArchSpec`
+(models/archs.py, re-exported here as `ARCHS` / `ArchSpec`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any
 
 import torch
 
 from moe_compress.errors import UserError
-from moe_compress.models.layer import Activation, ExpertWeights, MoELayer, clamped_swiglu, swiglu
+from moe_compress.models.archs import ARCHS, ArchSpec
+from moe_compress.models.layer import Activation, ExpertWeights, MoELayer
 from moe_compress.models.loading import Config
 from moe_compress.models.routing import RoutingRule
 
-Layout = Literal["fused", "gpt_oss"]
-
-
-def _softmax_topk(cfg: Config, renorm: bool | None = None) -> RoutingRule:
-    return RoutingRule("softmax_topk", cfg.num_experts_per_tok,
-                       renormalize=bool(cfg.norm_topk_prob) if renorm is None else renorm)
-
-
-def _deepseek_v2(cfg: Config) -> RoutingRule:
-    grouped = getattr(cfg, "topk_method", "greedy") == "group_limited_greedy"
-    return RoutingRule("softmax_group", cfg.num_experts_per_tok, scaling=float(cfg.routed_scaling_factor),
-                       n_group=int(cfg.n_group) if grouped else 1,
-                       topk_group=int(cfg.topk_group) if grouped else 1)
-
-
-def _deepseek_v3(cfg: Config) -> RoutingRule:
-    return RoutingRule("sigmoid_group", cfg.num_experts_per_tok, renormalize=bool(cfg.norm_topk_prob),
-                       scaling=float(cfg.routed_scaling_factor), n_group=int(cfg.n_group or 1),
-                       topk_group=int(cfg.topk_group or 1))
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """Where one family keeps things. ``count_field`` is the config key saved in config.json."""
-
-    model_type: str
-    count_field: str
-    rule: Callable[[Config], RoutingRule]
-    router_attr: str = "gate"
-    layout: Layout = "fused"
-    shared_attrs: tuple[str, ...] = ()
-    router_fp32: bool = False
-    width_field: str = "intermediate_size"  # config key of the routed experts' intermediate size (not dense MLPs')
-
-
-ARCHS: dict[str, ArchSpec] = {s.model_type: s for s in [
-    ArchSpec("mixtral", "num_local_experts", lambda c: _softmax_topk(c, renorm=True)),
-    ArchSpec("qwen2_moe", "num_experts", _softmax_topk, shared_attrs=("shared_expert", "shared_expert_gate"),
-             width_field="moe_intermediate_size"),
-    ArchSpec("qwen3_moe", "num_local_experts", _softmax_topk, width_field="moe_intermediate_size"),
-    ArchSpec("olmoe", "num_experts", _softmax_topk),
-    ArchSpec("deepseek_v2", "n_routed_experts", _deepseek_v2, shared_attrs=("shared_experts",), router_fp32=True,
-             width_field="moe_intermediate_size"),
-    ArchSpec("deepseek_v3", "n_routed_experts", _deepseek_v3, shared_attrs=("shared_experts",), router_fp32=True,
-             width_field="moe_intermediate_size"),
-    ArchSpec("phimoe", "num_local_experts",
-             lambda c: RoutingRule("sparsemixer", 2, jitter_eps=float(c.router_jitter_noise)), router_attr="router"),
-    ArchSpec("gpt_oss", "num_local_experts", lambda c: RoutingRule("topk_softmax", c.num_experts_per_tok),
-             router_attr="router", layout="gpt_oss"),
-]}
+__all__ = ["ARCHS", "SUPPORTED", "Adapter", "ArchSpec", "get_adapter", "resolve_count_field"]
 
 SUPPORTED = ", ".join(sorted(ARCHS))
 
@@ -110,12 +60,13 @@ class Adapter:
         setattr(self.config, resolve_count_field(self.config, self.spec.width_field), int(width))
 
     def width_problem(self) -> str | None:
-        """Why the routed experts' width cannot change on its own here, or None. DeepSeek-V2/V3 size their shared
-        experts as ``moe_intermediate_size x n_shared_experts``: a new width would resize them on reload."""
-        if self.spec.width_field == "moe_intermediate_size" and self.spec.model_type.startswith("deepseek") \
-                and int(getattr(self.config, "n_shared_experts", 0) or 0) > 0:
-            return ("DeepSeek's shared experts are sized moe_intermediate_size x n_shared_experts in the config, so "
-                    "a new routed-expert width would change them too")
+        """Why the routed experts' width cannot change on its own here, or None. A family with ``shared_width_key``
+        (DeepSeek-V2/V3: ``n_shared_experts``) sizes its shared experts as ``width_field x config[key]``: a new
+        width would resize them on reload."""
+        key = self.spec.shared_width_key
+        if key is not None and int(getattr(self.config, key, 0) or 0) > 0:
+            return (f"{self.spec.family}'s shared experts are sized {self.spec.width_field} x {key} in the config, "
+                    "so a new routed-expert width would change them too")
         return None
 
     def rule(self) -> RoutingRule:
@@ -131,7 +82,7 @@ class Adapter:
         """{decoder layer index: MoE block} for the layers that hold routed experts."""
         out: dict[int, torch.nn.Module] = {}
         for i, layer in enumerate(self.decoder_layers(model)):
-            block = getattr(layer, "mlp", None)
+            block = getattr(layer, self.spec.block_attr, None)
             if block is not None and hasattr(block, "experts") and hasattr(block.experts, "down_proj"):
                 out[i] = block
         return out
@@ -141,20 +92,11 @@ class Adapter:
         return getattr(block, self.spec.router_attr)
 
     def activation(self, block: torch.nn.Module) -> Activation:
-        if self.spec.layout == "gpt_oss":
-            ex: Any = block.experts
-            return clamped_swiglu(float(ex.alpha), float(ex.limit))
-        return swiglu
+        return self.spec.activation(block.experts)
 
     def read_experts(self, block: torch.nn.Module) -> ExpertWeights:
-        """Views of the block's expert tensors in the canonical [E,I,H]/[E,H,I] layout."""
-        ex: Any = block.experts
-        if self.spec.layout == "fused":
-            inter = ex.down_proj.shape[-1]
-            return ExpertWeights(ex.gate_up_proj[:, :inter], ex.gate_up_proj[:, inter:], ex.down_proj)
-        gu, gub = ex.gate_up_proj, ex.gate_up_proj_bias  # [E, H, 2I] interleaved, [E, 2I]
-        return ExpertWeights(gu[..., 0::2].transpose(1, 2), gu[..., 1::2].transpose(1, 2),
-                             ex.down_proj.transpose(1, 2), gub[:, 0::2], gub[:, 1::2], ex.down_proj_bias)
+        """Views of the block's expert tensors in the canonical [E,I,H]/[E,H,I] layout (``spec.layout``)."""
+        return self.spec.layout.read(block.experts)
 
     def layer(self, model: torch.nn.Module, index: int, block: torch.nn.Module | None = None) -> MoELayer:
         block = block if block is not None else self.moe_blocks(model)[index]

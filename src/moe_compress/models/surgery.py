@@ -111,22 +111,16 @@ def _param_like(value: torch.Tensor, like: torch.Tensor) -> torch.nn.Parameter:
 def write_block(adapter: Adapter, block: torch.nn.Module, s: ExpertSet) -> None:
     """Write one MoE block's new experts and router rows. Callers update the config count afterwards
     (`Adapter.set_n_experts`) once every block has the same count."""
-    ex: Any = block.experts  # the family's experts module (attributes by layout, see `Adapter.read_experts`)
+    ex: Any = block.experts  # the family's experts module (its tensors: `ArchSpec.layout`)
     router = adapter.router(block)
     w: ExpertWeights = s.experts
     n = w.n_experts
-    if adapter.spec.layout == "fused":
-        ex.gate_up_proj = _param_like(torch.cat([w.gate, w.up], dim=1), ex.gate_up_proj)
-        ex.down_proj = _param_like(w.down, ex.down_proj)
-    else:  # gpt_oss: gate/up interleaved on the last axis, [E, H, 2I]; down [E, I, H]
-        if w.gate_bias is None or w.up_bias is None or w.down_bias is None:
-            raise ValueError("gpt_oss experts have biases: the expert set must give gate_bias, up_bias and down_bias")
-        gu = torch.stack([w.gate.transpose(1, 2), w.up.transpose(1, 2)], dim=-1).flatten(-2)
-        gub = torch.stack([w.gate_bias, w.up_bias], dim=-1).flatten(-2)
-        ex.gate_up_proj = _param_like(gu, ex.gate_up_proj)
-        ex.gate_up_proj_bias = _param_like(gub, ex.gate_up_proj_bias)
-        ex.down_proj = _param_like(w.down.transpose(1, 2), ex.down_proj)
-        ex.down_proj_bias = _param_like(w.down_bias, ex.down_proj_bias)
+    try:
+        storage = adapter.spec.layout.storage(w)
+    except ValueError as e:
+        raise ValueError(f"{adapter.spec.model_type} experts have biases: {e}") from None
+    for name, value in storage.items():
+        setattr(ex, name, _param_like(value, getattr(ex, name)))
     router.weight = _param_like(s.router_weight, router.weight)
     if getattr(router, "bias", None) is not None:
         if s.router_bias is None:

@@ -9,34 +9,19 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from moe_compress.models.archs import ARCHS, BIAS_NAMES
 from moe_compress.models.registry import get_adapter
 
 _COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
                num_key_value_heads=2, head_dim=8, max_position_embeddings=256, tie_word_embeddings=False)
-_MLA = dict(num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
 
-TINY_CONFIGS: dict[str, dict] = {
-    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2),
-    "qwen2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=24, norm_topk_prob=False,
-                      shared_expert_intermediate_size=40),
-    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=24, norm_topk_prob=True),
-    "olmoe": dict(num_experts=8, num_experts_per_tok=2, pad_token_id=0, eos_token_id=1),
-    "deepseek_v2": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=24, n_shared_experts=1,
-                        first_k_dense_replace=1, q_lora_rank=None, topk_method="greedy", routed_scaling_factor=1.5,
-                        **_MLA),
-    "deepseek_v3": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=24, n_shared_experts=1,
-                        first_k_dense_replace=1, q_lora_rank=16, n_group=2, topk_group=1, norm_topk_prob=True,
-                        routed_scaling_factor=2.5, topk_method="noaux_tc", scoring_func="sigmoid", **_MLA),
-    "phimoe": dict(num_local_experts=8, num_experts_per_tok=2),
-    "gpt_oss": dict(num_local_experts=8, num_experts_per_tok=2, layer_types=["full_attention", "sliding_attention",
-                                                                             "full_attention"], sliding_window=16,
-                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
-}
+# each family's own tiny-config keys live in its spec (`ArchSpec.tiny`); this view keeps the old name
+TINY_CONFIGS: dict[str, dict] = {name: spec.tiny for name, spec in ARCHS.items()}
 
 
 def tiny_config(model_type: str, **overrides):
-    """A tiny config of ``model_type`` (see TINY_CONFIGS), with ``overrides`` applied."""
-    kw = {**_COMMON, **TINY_CONFIGS[model_type], **overrides}
+    """A tiny config of ``model_type`` (common dimensions + ``ARCHS[model_type].tiny``), with ``overrides`` applied."""
+    kw = {**_COMMON, **ARCHS[model_type].tiny, **overrides}
     return AutoConfig.for_model(model_type, **kw)
 
 
@@ -52,8 +37,8 @@ def tiny_model(model_type: str, seed: int = 0, router_std: float = 0.5, **overri
                 layer.router_bias.normal_(0.0, 0.1)
             if layer.correction_bias is not None:
                 layer.correction_bias.copy_(torch.randn(layer.n_experts) * 0.05)
-        if adapter.spec.layout == "gpt_oss":
+        if adapter.spec.layout.biases:
             for block in adapter.moe_blocks(model).values():
-                for name in ("gate_up_proj_bias", "down_proj_bias"):
+                for name in BIAS_NAMES:
                     getattr(block.experts, name).normal_(0.0, 0.02)
     return model.eval()
