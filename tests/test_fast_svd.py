@@ -131,3 +131,26 @@ def test_low_precision_power_products_leave_a_gapped_spectrum_exact():
     torch.testing.assert_close(fp32, exact, rtol=0, atol=5e-4)  # float32 Grams vs float64: rounding
     for precision in ("tf32", "bfloat16"):
         torch.testing.assert_close(run(precision), exact, rtol=0, atol=5e-4)
+
+
+def test_scale_bench_table_runs_on_small_shapes(tmp_path, capsys):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "scale.py"
+    spec = importlib.util.spec_from_file_location("bench_scale_table", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    res = bench.main(["--device", "cpu", "--shapes", "small", "--only", "mixtral", "--table", "--repeats", "1",
+                      "--plan-repeats", "1", "--similarity-tokens", "512", "--similarity-budget", "0.25",
+                      "--profile", str(tmp_path / "prof"), "--out", str(tmp_path / "t.json")])
+    printed = capsys.readouterr().out
+    (r,) = res
+    assert {"plain forward", "routed statistics", "merge statistics", "submoe full rank",
+            "submoe r=0.5 exact"} <= set(r["rows"])
+    assert r["similarity_error"]["tokens"] == 64 and r["similarity_error"]["ref_tokens"] == 512
+    fast = [v for k, v in r["rows"].items() if "fast" in k]
+    assert fast and all(1.0 - 1e-6 <= v["error_ratio_vs_exact"] < 1.05 for v in fast)
+    assert r["verdict"]["best_fast"] and r["verdict"]["best_fast_error_ratio"] <= 1.02
+    assert r["profiles"] and all(pathlib.Path(p).read_text() for p in r["profiles"])
+    assert "Targets:" in printed and (tmp_path / "t.json").exists()

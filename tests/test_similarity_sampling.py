@@ -134,3 +134,11 @@ def test_mean_stderr_formula():
     assert float(se) == pytest.approx((vals.var(unbiased=True) / 4 * (1 - 4 / 10)).sqrt().item())
     assert float(mean_stderr(s, sq, 4, None)) == pytest.approx((vals.var() / 4).sqrt().item())
     assert float(mean_stderr(s, sq, 4, 4)) == 0.0 and mean_stderr(s[None], sq[None], 1, 10).isinf().all()
+
+
+def test_merge_methods_pass_the_budget_only_when_set():
+    from moe_compress.methods.base import get_method
+
+    assert get_method("submoe").observer_options() == {"similarity_tokens": 32768}
+    assert get_method("hcsmoe", similarity_budget=0.25).observer_options() == {"similarity_tokens": 32768,
+                                                                                "similarity_budget": 0.25}
