@@ -28,7 +28,18 @@ Whole-model time = MoE layers x (statistics + planning) for the method (statisti
 merge statistics for merging). Peak GPU memory is torch's max_memory_allocated during each step (the
 layer's weights and the token batches included). Prints a markdown table and writes JSON with ``--out``.
 
-Usage:  PYTHONPATH=src python3 bench/scale.py --device cuda --shapes full --out scale.json
+``--table`` (issue 22) runs only the statistics and Sub-MoE rows per shape: plain forward, routed statistics,
+merge statistics on the subsample bounded by ``--similarity-budget`` (its sampling error against a
+``--similarity-tokens`` reference subsample), Sub-MoE full rank (+ the merge statistics' overhead beyond the
+forward), rank 0.5 exact and the `FAST` randomized variants (their per-group residual over the exact optimum's),
+whole-model minutes, the targets met or not, and with ``--profile DIR`` torch-profiler summaries of the merge
+statistics, the best fast variant and the slowest non-exact plan.
+
+Usage:  PYTHONPATH=src python3 bench/scale.py --device cuda --shapes full --table --similarity-tokens 32768 \
+            --similarity-budget 0.25 --profile OUT/profiles --out OUT/table.json
+        .venv/bin/python bench/scale.py --device cpu --shapes small --table --similarity-tokens 512 \
+            --similarity-budget 0.25                                                  (CPU, < 1 minute)
+        PYTHONPATH=src python3 bench/scale.py --device cuda --shapes full --out scale.json
         .venv/bin/python bench/scale.py --device cpu --shapes tiny                (CPU, < 1 minute)
 Needs torch, transformers and pydantic (the methods' parameters) beside this package; no typer/rich.
 """

@@ -85,10 +85,11 @@ def bmm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     batched tensor-core product with fp32 output (``torch.bmm(..., out_dtype=float32)``), elsewhere (or where this
     torch lacks it) the product of float32 copies (no copy for float32 inputs)."""
     if a.dtype in (torch.bfloat16, torch.float16) and a.is_cuda:
-        try:
-            return torch.bmm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError, NotImplementedError):
-            pass
+        for x, z in ((a, b), (a.contiguous(), b.contiguous())):  # strided views first, then dense copies
+            try:
+                return torch.bmm(x, z, out_dtype=torch.float32)
+            except (TypeError, RuntimeError, NotImplementedError):
+                pass
     return torch.bmm(a.float(), b.float())
 
 
