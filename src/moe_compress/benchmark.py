@@ -21,13 +21,14 @@ from typing import Callable
 import torch
 
 from moe_compress.calibration.runner import LayerRun, run_layers
+from moe_compress.devices import pick_device
 from moe_compress.errors import UserError
 from moe_compress.export.writer import atomic_output_dir, check_output_dir, save_model
 from moe_compress.methods.base import Method, get_method, parse_method_spec, split_method_list
 from moe_compress.models.loading import load_config, load_model, load_tokenizer
 from moe_compress.models.registry import get_adapter
 from moe_compress.models.surgery import check_expert_count
-from moe_compress.pipeline import MethodApplier, check_domains, pick_device
+from moe_compress.pipeline import MethodApplier, check_domains
 from moe_compress.recipe import Calibration
 
 Progress = Callable[[str, int, int], None]

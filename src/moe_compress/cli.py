@@ -276,7 +276,7 @@ def route(
     checkpoint at OUT) against each domain's stored pattern; prints the nearest one's path and the distances."""
     import json
 
-    from moe_compress.pipeline import pick_device
+    from moe_compress.devices import pick_device
     from moe_compress.route import load_family, route_prompt
 
     if (prompt is None) == (prompt_file is None):

@@ -18,6 +18,7 @@ import torch
 from moe_compress import __version__
 from moe_compress.calibration.runner import LayerRun, run_layers
 from moe_compress.calibration.stats import Statistics
+from moe_compress.devices import pick_device, pick_dtype
 from moe_compress.errors import UserError
 from moe_compress.export.card import model_card
 from moe_compress.export.dtypes import resolve_policy
@@ -46,18 +47,6 @@ class CompressResult:
     stats: Statistics
     timings: dict[str, float] = field(default_factory=dict)
     companions: object = None  # `Method.companions` for a method that writes them (premoe: the domain patterns)
-
-
-def pick_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {name} requested but CUDA is not available; use --device cpu")
-    return name
-
-
-def pick_dtype(name: str) -> torch.dtype | str:
-    return "auto" if name == "auto" else getattr(torch, name)
 
 
 def validate_budget(recipe: Recipe, adapter: Adapter, method: Method | None = None) -> int:

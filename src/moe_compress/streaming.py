@@ -320,6 +320,7 @@ def compress_streaming(recipe, *, max_gpu_memory: str | int | None = None, progr
 
 def _run(recipe, ctx: DistContext, max_gpu_memory, progress, log, offload) -> StreamResult:
     from moe_compress.calibration.collect import calibration_domains
+    from moe_compress.devices import pick_device, pick_dtype
     from moe_compress.methods.base import get_method
     from moe_compress.models.lazy import LazyCheckpoint
     from moe_compress.models.loading import load_tokenizer, resolve_model
@@ -327,8 +328,6 @@ def _run(recipe, ctx: DistContext, max_gpu_memory, progress, log, offload) -> St
         MethodApplier,
         build_manifest,
         calibration_set,
-        pick_device,
-        pick_dtype,
         require_calibration,
         validate_budget,
     )
@@ -541,12 +540,12 @@ def _finish(partial: Path, out: Path, lazy, adapter, n_new: int, n_files: int, s
             manifest: dict, overwrite: bool, policy: SavePolicy, original_params: int) -> None:
     """Write the non-layer weights (in their written dtypes), index, config, tokenizer, manifest (with the
     written dtypes and sizes) and card; rename into ``out``."""
-    from moe_compress.models.lazy import _memory_to_disk
+    from moe_compress.models.lazy import memory_to_disk
     from moe_compress.models.registry import get_adapter
     from moe_compress.pipeline import source_size
 
     model = lazy.model
-    layer_disk_prefix = _memory_to_disk(lazy._prefix, lazy.names)
+    layer_disk_prefix = memory_to_disk(lazy._prefix, lazy.names)
     rest = {}
     for k in sorted(lazy.files.keys()):
         if k.startswith(layer_disk_prefix):

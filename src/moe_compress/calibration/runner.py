@@ -14,9 +14,10 @@ Modes: ``oneshot`` (default) feeds layer i+1 with the outputs of the ORIGINAL la
 with the outputs of layer i after the callback changed it (compressed), so later decisions see earlier
 compression.
 
-Where the weights come from is a `LayerSource`: by default the model's own (in-memory) layers, moved to the
-device and back; `moe_compress.models.lazy.LazyCheckpoint` instead reads each decoder layer from the safetensors
-shards just before it runs and drops it afterwards, so the whole model never has to fit in memory.
+Where the weights come from is a `LayerSource` (`moe_compress.models.source`): by default the model's own
+(in-memory) layers, moved to the device and back; `moe_compress.models.lazy.LazyCheckpoint` instead reads each
+decoder layer from the safetensors shards just before it runs and drops it afterwards, so the whole model never
+has to fit in memory.
 """
 
 from __future__ import annotations
@@ -29,8 +30,7 @@ import torch
 from moe_compress.calibration.observers import InputCapture, ObservedExperts, make_observers
 from moe_compress.models.loading import CausalLM
 from moe_compress.models.registry import Adapter
-
-Device = str | torch.device
+from moe_compress.models.source import Device, LayerSource
 
 
 @dataclass
@@ -48,17 +48,6 @@ class LayerRun:
     observer: ObservedExperts | None
     moe_inputs: torch.Tensor | None
     moe_domains: torch.Tensor | None = None
-
-
-class LayerSource:
-    """Brings decoder layer ``index`` to ``device`` before it runs and puts it away afterwards (in memory: move
-    it back to ``offload_device``)."""
-
-    def load(self, index: int, layer: torch.nn.Module, device: Device) -> None:
-        layer.to(device)
-
-    def release(self, index: int, layer: torch.nn.Module, offload_device: Device) -> None:
-        layer.to(offload_device)
 
 
 class _Recorder(torch.nn.Module):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from moe_compress.models.lazy import DISK_NAMES, _memory_to_disk
+from moe_compress.models.lazy import DISK_NAMES, memory_to_disk
 
 
 def shard_name(index: int, total: int) -> str:
@@ -41,13 +41,13 @@ def hub_tensors(model_type: str, layout: str, prefix: str, state: dict[str, torc
             base = key.rsplit(".", 1)[0]
             for e in range(t.shape[0]):
                 if leaf == "down_proj":
-                    out[_memory_to_disk(f"{base}.{e}.{down}.weight", names)] = t[e].contiguous().clone()
+                    out[memory_to_disk(f"{base}.{e}.{down}.weight", names)] = t[e].contiguous().clone()
                 else:
                     inter = t.shape[1] // 2
-                    out[_memory_to_disk(f"{base}.{e}.{gate}.weight", names)] = t[e, :inter].contiguous().clone()
-                    out[_memory_to_disk(f"{base}.{e}.{up}.weight", names)] = t[e, inter:].contiguous().clone()
+                    out[memory_to_disk(f"{base}.{e}.{gate}.weight", names)] = t[e, :inter].contiguous().clone()
+                    out[memory_to_disk(f"{base}.{e}.{up}.weight", names)] = t[e, inter:].contiguous().clone()
         else:
-            out[_memory_to_disk(key, names)] = t.contiguous().clone()
+            out[memory_to_disk(key, names)] = t.contiguous().clone()
     return out
 
 

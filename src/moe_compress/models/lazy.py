@@ -38,9 +38,9 @@ from typing import TYPE_CHECKING, Iterator, Literal
 
 import torch
 
-from moe_compress.calibration.runner import LayerSource
 from moe_compress.errors import UserError
 from moe_compress.models.registry import Adapter, get_adapter
+from moe_compress.models.source import LayerSource
 
 if TYPE_CHECKING:
     import ctypes
@@ -188,7 +188,10 @@ def _disk_to_memory(name: str, names: DiskNames) -> str:
     return name
 
 
-def _memory_to_disk(name: str, names: DiskNames) -> str:
+def memory_to_disk(name: str, names: DiskNames) -> str:
+    """The on-disk (hub) key name of in-memory state-dict name ``name`` under a family's `DiskNames` (its
+    renames undone, in reverse order); used to read shards here and to write hub-style keys in
+    `export.shards` and `streaming`."""
     for old, new in reversed(names.renames):
         name = name.replace(new, old)
     return name
@@ -202,8 +205,8 @@ def disk_key(model_type: str, layout: str, mem_key: str) -> str:
     base, _, leaf = mem_key.rpartition(".")
     if layout == "fused" and leaf in ("gate_up_proj", "down_proj") and base.endswith(".experts"):
         gate, _up, down = names.expert_leaves
-        return _memory_to_disk(f"{base}.0.{down if leaf == 'down_proj' else gate}.weight", names)
-    return _memory_to_disk(mem_key, names)
+        return memory_to_disk(f"{base}.0.{down if leaf == 'down_proj' else gate}.weight", names)
+    return memory_to_disk(mem_key, names)
 
 
 _EXPERT_KEY = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<e>\d+)\.(?P<leaf>[^.]+)\.weight$")
@@ -265,7 +268,7 @@ class LazyCheckpoint(LayerSource):
         if leaf not in ("gate_up_proj", "down_proj") or self.adapter.spec.layout != "fused":
             return False
         gate, up, down = self.names.expert_leaves
-        disk = lambda e, lf: _memory_to_disk(f"{prefix}.{e}.{lf}.weight", self.names)  # noqa: E731
+        disk = lambda e, lf: memory_to_disk(f"{prefix}.{e}.{lf}.weight", self.names)  # noqa: E731
         n = target.shape[0]
         parts = [gate, up] if leaf == "gate_up_proj" else [down]
         if not all(disk(e, lf) in self.files for e in range(n) for lf in parts):
@@ -378,18 +381,18 @@ def write_random_checkpoint(config, folder: str | Path, dtype: torch.dtype = tor
                 gate, up, down = names.expert_leaves
                 for e in range(t.shape[0]):
                     if leaf == "down_proj":
-                        out[_memory_to_disk(f"{base}.{e}.{down}.weight", names)] = t[e].clone()
+                        out[memory_to_disk(f"{base}.{e}.{down}.weight", names)] = t[e].clone()
                     else:
                         inter = t.shape[1] // 2
-                        out[_memory_to_disk(f"{base}.{e}.{gate}.weight", names)] = t[e, :inter].clone()
-                        out[_memory_to_disk(f"{base}.{e}.{up}.weight", names)] = t[e, inter:].clone()
+                        out[memory_to_disk(f"{base}.{e}.{gate}.weight", names)] = t[e, :inter].clone()
+                        out[memory_to_disk(f"{base}.{e}.{up}.weight", names)] = t[e, inter:].clone()
             else:
-                out[_memory_to_disk(key, names)] = t.contiguous()
+                out[memory_to_disk(key, names)] = t.contiguous()
         return out
 
     layers_name = next(n for n, m in model.named_modules() if m is layers)
     outside = {k: v for k, v in model.state_dict(keep_vars=True).items() if not k.startswith(layers_name + ".")}
-    rest = {_memory_to_disk(key, names): value(key, ref) for key, ref in outside.items()
+    rest = {memory_to_disk(key, names): value(key, ref) for key, ref in outside.items()
             if not (key.startswith("lm_head.") and getattr(config, "tie_word_embeddings", False))}
     n_files = len(layers) + 1
     weight_map = {}
