@@ -41,6 +41,16 @@ def make_tokenizer(vocab_size: int = 96):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-tensor runs (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    tiny tensors gain nothing from threads, and on a busy machine the threads' waiting costs 5-10x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()

@@ -4,8 +4,10 @@ msmoe / hcsmoe / submoe methods end-to-end on tiny models of every architecture.
 from __future__ import annotations
 
 import json
+from functools import partial
 from types import SimpleNamespace
 
+import helpers
 import pytest
 import torch
 from conftest import ARCHS
@@ -34,9 +36,7 @@ from moe_compress.models.tiny import tiny_model
 from moe_compress.pipeline import plan_and_apply
 from moe_compress.recipe import build_recipe
 
-
-def ids(n=4, length=32, vocab=96, seed=0):
-    return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+ids = partial(helpers.ids, seed=0)
 
 
 def moe_inputs(model, x=None) -> dict[int, torch.Tensor]:

@@ -14,7 +14,8 @@ import pytest
 import torch
 from clitools import assert_user_error, run_cli
 from conftest import _SENTENCES, ARCHS
-from test_pruning import check_reduced_checkpoint, ids, n_keep_for
+from helpers import capture_block_inputs, ids
+from test_pruning import check_reduced_checkpoint, n_keep_for
 
 from moe_compress.calibration.runner import run_layers
 from moe_compress.methods.base import LayerContext, get_method
@@ -44,19 +45,8 @@ def two_domains(tmp_path_factory):
 
 def router_inputs(model, x) -> dict[int, torch.Tensor]:
     """{MoE layer: [T, H]} the input each router received when the whole model ran on x (B-major tokens)."""
-    adapter = get_adapter(model)
-    seen, hooks = {}, []
-    for i, block in adapter.moe_blocks(model).items():
-        def hook(mod, args, i=i):
-            seen[i] = args[0].detach().reshape(-1, args[0].shape[-1]).clone()
-        hooks.append(adapter.router(block).register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
+    seen = capture_block_inputs(model, x, lambda adapter, block: adapter.router(block))
+    return {i: args[0].reshape(-1, args[0].shape[-1]) for i, args in seen.items()}
 
 
 def literal_markers(z: list[float], score: str, k: int, min_prob: float, sigmoid: bool) -> list[float]:

@@ -33,13 +33,6 @@ class Calibration(_Strict):
     batch_size: int = Field(8, ge=1)
 
 
-class Evaluation(_Strict):
-    data: str | None = None
-    seq_len: int = Field(512, ge=2)
-    max_windows: int | None = Field(None, ge=1)
-    metrics: list[Literal["ppl", "kld", "top1"]] = ["ppl", "kld", "top1"]
-
-
 class Recipe(_Strict):
     model: str
     method: str
@@ -55,7 +48,6 @@ class Recipe(_Strict):
     save_dtype: Literal["source", "float32", "bfloat16", "float16"] = "source"  # dtype of the written tensors
     seed: int = 0
     trust_remote_code: bool = False
-    evaluation: Evaluation | None = None
 
     @model_validator(mode="before")
     @classmethod
