@@ -503,15 +503,6 @@ def demo(
         out_console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
-def _mount_testbed() -> None:
-    from moe_compress.testbed.cli import app as testbed_app
-
-    app.add_typer(testbed_app, name="testbed")
-
-
-_mount_testbed()
-
-
 def _log_traceback() -> Path:
     log_dir = Path(tempfile.gettempdir()) / "moe-compress-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -564,9 +555,16 @@ def _interrupted() -> None:
 
 def main() -> None:
     """Console entry point: maps errors to exit codes (2 = user mistake, 130 = interrupted, 1 = internal error)."""
+    run_app(app)
+
+
+def run_app(typer_app: typer.Typer) -> None:
+    """Run ``typer_app`` as `main` runs the `moe-compress` command: a `UserError` or usage mistake is one line
+    and exit code 2, Ctrl-C 130, anything else an internal error (1) with the traceback in a log file. The
+    repository's tools (``python -m tools.testbed``) run their commands through it too."""
     try:
         _quiet_libraries()
-        code = app(standalone_mode=False)
+        code = typer_app(standalone_mode=False)
     except UserError as e:
         console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
