@@ -22,7 +22,7 @@ demo: install
 	$(BIN)/moe-compress demo --out demo-out --overwrite
 
 lint: install
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench tools
 
 # mypy over the core (models, methods, calibration, the pipeline and its helpers: `files` in pyproject.toml)
 typecheck: install

@@ -105,7 +105,7 @@ def two_processes(data: dict) -> None:
 
 def tiny_models(root: Path) -> tuple[dict[str, Path], Path]:
     sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import _SENTENCES, make_tokenizer
+    from helpers import make_tokenizer, write_calibration_file
 
     from moe_compress.export.writer import save_model
     from moe_compress.models.tiny import tiny_model
@@ -118,13 +118,8 @@ def tiny_models(root: Path) -> tuple[dict[str, Path], Path]:
             save_model(tiny_model(arch, vocab_size=len(tok)), d)
             tok.save_pretrained(d)
         out[arch] = d
-    text = root / "calib.jsonl"
     root.mkdir(parents=True, exist_ok=True)
-    with open(text, "w") as fh:
-        for i in range(40):
-            fh.write(json.dumps({"text": " ".join(_SENTENCES[i % 6:] + _SENTENCES[:i % 6]),
-                                 "domain": "code" if i % 2 else "prose"}) + "\n")
-    return out, text
+    return out, write_calibration_file(root / "calib.jsonl")
 
 
 def main() -> None:
@@ -138,7 +133,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(2)
-    from moe_compress.pipeline import compress
+    from moe_compress.execute import compress
     from moe_compress.recipe import build_recipe
     from moe_compress.streaming import compress_streaming
 

@@ -71,8 +71,8 @@ def small_case(root: Path, device: str, tok, calib: Path) -> dict:
     """In-memory pipeline vs streaming on a tiny model, same device: max |logit difference|."""
     from transformers import AutoModelForCausalLM
 
+    from moe_compress.execute import compress
     from moe_compress.export.writer import save_model
-    from moe_compress.pipeline import compress
 
     folder = root / "tiny"
     save_model(tiny_model("mixtral", vocab_size=len(tok), num_hidden_layers=4), folder)

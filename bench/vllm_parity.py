@@ -3,7 +3,7 @@
 For every registered architecture: a tiny model built from config with dimensions vLLM's CPU kernels accept
 (head size 64; DeepSeek MLA with kv_lora_rank 512 + qk_rope_head_dim 64 = 576, the size vLLM's CPU MLA decode
 supports), its pruned output (`reap`, 8 -> 4 experts) and its merged output (`submoe`, 8 -> 4), all float32; and
-the testbed presets (moe_compress.testbed.arch, the shapes the next trained testbeds have) as untrained bfloat16
+the testbed presets (tools.testbed.arch, the shapes the next trained testbeds have) as untrained bfloat16
 checkpoints with their bfloat16 compressed outputs (half the experts). Each is loaded in transformers (this
 environment) and in vLLM (a separate environment, see `make vllm-check`); both greedy-decode the same prompts
 (token ids, EOS ignored) and the first step's top-5 logprobs are compared.
@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # the repository root: tools.testbed (testbed presets; not installed)
 PROMPTS = ["The history of the old city", "def fibonacci(n):\n    ", "In this paper we prove that"]
 VARIANTS = {"original": None, "pruned": "reap", "merged": "submoe"}
 MAX_TOKENS, TOP_K = 8, 5
@@ -87,12 +88,12 @@ def build_dense_control(arch: str, folder: Path, tokenizer) -> None:
 
 
 def build_testbed_preset(arch: str, folder: Path, tokenizer) -> None:
-    """An untrained (random) model with the testbed preset of ``arch`` (moe_compress.testbed.arch): the shape the
+    """An untrained (random) model with the testbed preset of ``arch`` (tools.testbed.arch): the shape the
     next trained testbed of that family has, at bfloat16 as the testbeds are saved."""
     from transformers import AutoModelForCausalLM
 
     from moe_compress.export.writer import save_model
-    from moe_compress.testbed.arch import build_config
+    from tools.testbed.arch import build_config
 
     torch.manual_seed(0)
     cfg = build_config(arch, len(tokenizer), tokenizer.eos_token_id or 0, tokenizer.pad_token_id or 0, 512,
@@ -103,9 +104,9 @@ def build_testbed_preset(arch: str, folder: Path, tokenizer) -> None:
 
 def compress_variant(source: Path, method: str, folder: Path) -> None:
     """``method`` at half the experts; written in the source's dtype (the default)."""
+    from moe_compress.execute import compress
     from moe_compress.models.loading import load_config
     from moe_compress.models.registry import get_adapter
-    from moe_compress.pipeline import compress
     from moe_compress.recipe import build_recipe
 
     experts = get_adapter(load_config(str(source))).n_experts() // 2
@@ -202,7 +203,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from moe_compress.models.loading import load_tokenizer
     from moe_compress.models.registry import ARCHS
-    from moe_compress.testbed.arch import PRESETS
+    from tools.testbed.arch import PRESETS
 
     a.vllm_python = str(Path(a.vllm_python).absolute())  # not resolve(): a venv's python is a symlink
     if not Path(a.vllm_python).is_file():

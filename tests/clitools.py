@@ -1,4 +1,5 @@
-"""Driving `moe-compress` in-process, as the console script does (shared by the CLI-facing tests)."""
+"""Driving `moe-compress` (and `python -m tools.testbed`) in-process, as the console script does (shared by the
+CLI-facing tests)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,23 @@ from moe_compress import cli
 
 def run_cli(monkeypatch, capsys, *args, cwd=None) -> tuple[int, str, str]:
     """Run `moe-compress ARGS` (in ``cwd`` if given) through `cli.main`; returns (exit code, stdout, stderr)."""
+    return _run_main(monkeypatch, capsys, cli.main, ["moe-compress"], args, cwd)
+
+
+def run_testbed_cli(monkeypatch, capsys, *args, cwd=None) -> tuple[int, str, str]:
+    """Run `python -m tools.testbed ARGS` in-process (`tools.testbed.cli.main`); returns (code, stdout, stderr)."""
+    from tools.testbed.cli import main
+
+    return _run_main(monkeypatch, capsys, main, ["python -m tools.testbed"], args, cwd)
+
+
+def _run_main(monkeypatch, capsys, main, prog: list[str], args, cwd) -> tuple[int, str, str]:
     if cwd is not None:
         monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", ["moe-compress", *map(str, args)])
+    monkeypatch.setattr(sys, "argv", [*prog, *map(str, args)])
     code = 0
     try:
-        cli.main()
+        main()
     except SystemExit as e:  # as the interpreter maps it: None -> 0, an int as is, anything else -> 1
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     out = capsys.readouterr()

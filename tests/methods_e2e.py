@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 
 from clitools import run_cli
-from test_pruning import check_reduced_checkpoint, ids, n_keep_for
+from helpers import ids
+from test_pruning import check_reduced_checkpoint, n_keep_for
 
 from moe_compress.models.registry import get_adapter
 from moe_compress.models.tiny import tiny_model

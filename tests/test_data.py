@@ -149,7 +149,7 @@ def test_shipped_samples_feed_the_demo_in_full():
     from moe_compress.calibration.data import evaluation_windows
     from moe_compress.demo import demo_spec
     from moe_compress.models.loading import load_tokenizer
-    from moe_compress.testbed.sample import PROMPTS
+    from tools.testbed.sample import PROMPTS
 
     spec = demo_spec()
     tok = load_tokenizer(spec.model)

@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ARCHS
+from helpers import ids
 from methods_e2e import layer_stats
-from test_pruning import ids, n_keep_for, plan_pipeline
+from test_pruning import n_keep_for, plan_pipeline
 from transformers import AutoModelForCausalLM
 
 from moe_compress.methods.base import LayerContext, get_method

@@ -19,12 +19,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from moe_compress.evaluation.metrics import token_kl
+from moe_compress.divergence import token_kl
+from moe_compress.execute import compress
 from moe_compress.methods.hybrid.distill import distill, float_tensors, step_size_factor, trainable_parameters
 from moe_compress.models.registry import get_adapter
 from moe_compress.models.surgery import keep_set, write_block
 from moe_compress.models.tiny import tiny_model
-from moe_compress.pipeline import compress
 from moe_compress.recipe import Recipe
 
 

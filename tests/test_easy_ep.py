@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import ARCHS
+from helpers import ids
 from methods_e2e import cli_prune_and_check, layer_stats
-from test_pruning import capture_experts_calls, ids, n_keep_for
+from test_pruning import capture_experts_calls, n_keep_for
 
 from moe_compress.methods.base import LayerContext, get_method
 from moe_compress.models.registry import get_adapter

@@ -12,11 +12,11 @@ from clitools import assert_user_error, run_cli
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+from moe_compress.execute import compress
 from moe_compress.export.dtypes import SavePolicy, resolve_policy
 from moe_compress.export.writer import save_model
 from moe_compress.models.loading import resolve_model
 from moe_compress.models.tiny import tiny_model
-from moe_compress.pipeline import compress
 from moe_compress.recipe import build_recipe
 
 

@@ -10,8 +10,9 @@ import json
 import pytest
 import torch
 from conftest import ARCHS
+from helpers import ids
 from methods_e2e import layer_stats
-from test_pruning import capture_experts_calls, ids, plan_pipeline
+from test_pruning import capture_experts_calls, plan_pipeline
 from transformers import AutoModelForCausalLM
 
 from moe_compress.methods.base import LayerContext, get_method

@@ -4,8 +4,10 @@ msmoe / hcsmoe / submoe methods end-to-end on tiny models of every architecture.
 from __future__ import annotations
 
 import json
+from functools import partial
 from types import SimpleNamespace
 
+import helpers
 import pytest
 import torch
 from conftest import ARCHS
@@ -34,9 +36,7 @@ from moe_compress.models.tiny import tiny_model
 from moe_compress.pipeline import plan_and_apply
 from moe_compress.recipe import build_recipe
 
-
-def ids(n=4, length=32, vocab=96, seed=0):
-    return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+ids = partial(helpers.ids, seed=0)
 
 
 def moe_inputs(model, x=None) -> dict[int, torch.Tensor]:
@@ -150,17 +150,24 @@ def test_identical_experts_merge_to_that_expert(rule, align, bias):
             assert torch.equal(m[1], t[3])  # the singleton is copied bit for bit
 
 
-@pytest.mark.parametrize("n,out_dim,in_dim", [(3, 6, 5), (2, 12, 4), (4, 5, 9)])
-@pytest.mark.parametrize("whiten", [False, True])
-def test_full_rank_submoe_is_the_frequency_weighted_average(n, out_dim, in_dim, whiten):
-    g = torch.Generator().manual_seed(n)
+def _weighted_matrices(n: int, out_dim: int, in_dim: int, seed: int, whiten_tokens: int):
+    """(w [n, out, in], frequencies f [n] summing to 1, input second moment [in, in] of ``whiten_tokens``
+    anisotropic random inputs or None), fp64 from one seeded generator."""
+    g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, out_dim, in_dim, generator=g, dtype=torch.float64)
     f = torch.rand(n, generator=g, dtype=torch.float64)
     f = f / f.sum()
     moment = None
-    if whiten:
-        x = torch.randn(40, in_dim, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, in_dim)
-        moment = x.T @ x / 40
+    if whiten_tokens:
+        x = torch.randn(whiten_tokens, in_dim, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, in_dim)
+        moment = x.T @ x / whiten_tokens
+    return w, f, moment
+
+
+@pytest.mark.parametrize("n,out_dim,in_dim", [(3, 6, 5), (2, 12, 4), (4, 5, 9)])
+@pytest.mark.parametrize("whiten", [False, True])
+def test_full_rank_submoe_is_the_frequency_weighted_average(n, out_dim, in_dim, whiten):
+    w, f, moment = _weighted_matrices(n, out_dim, in_dim, seed=n, whiten_tokens=40 if whiten else 0)
     avg = torch.einsum("n,noi->oi", f, w)
     torch.testing.assert_close(joint_svd_merge_reference(w, f, None, moment), avg, rtol=1e-5, atol=1e-5)
 
@@ -169,14 +176,7 @@ def test_full_rank_submoe_is_the_frequency_weighted_average(n, out_dim, in_dim, 
 @pytest.mark.parametrize("whiten", [False, True])
 def test_gram_route_equals_the_papers_joint_svd_and_P_r(n, out_dim, in_dim, rank, whiten):
     """Sub-MoE at rank r == P_r sum_i f_i W_i, computed by Gram eigh (either side) == the literal paper SVD."""
-    g = torch.Generator().manual_seed(out_dim)
-    w = torch.randn(n, out_dim, in_dim, generator=g, dtype=torch.float64)
-    f = torch.rand(n, generator=g, dtype=torch.float64)
-    f = f / f.sum()
-    moment = None
-    if whiten:
-        x = torch.randn(60, in_dim, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, in_dim)
-        moment = x.T @ x / 60
+    w, f, moment = _weighted_matrices(n, out_dim, in_dim, seed=out_dim, whiten_tokens=60 if whiten else 0)
     ref = joint_svd_merge_reference(w, f, rank, moment)
     avg = torch.einsum("n,noi->oi", f, w)
     got = subspace_project([w], avg[None], rank, None if moment is None else [moment])[0]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 
+import helpers
 import pytest
 import torch
 from conftest import ARCHS
@@ -18,9 +20,7 @@ from moe_compress.models.routing import route
 from moe_compress.models.surgery import check_expert_count, keep_experts, keep_sets, replace_experts
 from moe_compress.models.tiny import tiny_config, tiny_model
 
-
-def ids(n=3, length=24, vocab=96, seed=1):
-    return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+ids = partial(helpers.ids, 3, 24)
 
 
 def prune_keep(adapter, model, drop=(2, 5)):

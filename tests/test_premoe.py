@@ -13,8 +13,9 @@ import math
 import pytest
 import torch
 from clitools import assert_user_error, run_cli
-from conftest import _SENTENCES, ARCHS
-from test_pruning import check_reduced_checkpoint, ids, n_keep_for
+from conftest import ARCHS
+from helpers import SENTENCES, capture_block_inputs, ids
+from test_pruning import check_reduced_checkpoint, n_keep_for
 
 from moe_compress.calibration.runner import run_layers
 from moe_compress.methods.base import LayerContext, get_method
@@ -28,8 +29,8 @@ FAST_CLI = ["mixtral", "deepseek_v3"]  # softmax top-k; sigmoid groups with a de
 @pytest.fixture(scope="module")
 def two_domains(tmp_path_factory):
     """A jsonl file with two domains of different text (code lines, prose lines)."""
-    code = [_SENTENCES[2], "for i in range(10):\n    print(i)\n", "import os\nos.path.join(a, b)\n"]
-    prose = [_SENTENCES[0], _SENTENCES[5], _SENTENCES[4]]
+    code = [SENTENCES[2], "for i in range(10):\n    print(i)\n", "import os\nos.path.join(a, b)\n"]
+    prose = [SENTENCES[0], SENTENCES[5], SENTENCES[4]]
     p = tmp_path_factory.mktemp("premoe") / "two.jsonl"
     with open(p, "w") as fh:
         for i in range(24):
@@ -44,19 +45,8 @@ def two_domains(tmp_path_factory):
 
 def router_inputs(model, x) -> dict[int, torch.Tensor]:
     """{MoE layer: [T, H]} the input each router received when the whole model ran on x (B-major tokens)."""
-    adapter = get_adapter(model)
-    seen, hooks = {}, []
-    for i, block in adapter.moe_blocks(model).items():
-        def hook(mod, args, i=i):
-            seen[i] = args[0].detach().reshape(-1, args[0].shape[-1]).clone()
-        hooks.append(adapter.router(block).register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
+    seen = capture_block_inputs(model, x, lambda adapter, block: adapter.router(block))
+    return {i: args[0].reshape(-1, args[0].shape[-1]) for i, args in seen.items()}
 
 
 def literal_markers(z: list[float], score: str, k: int, min_prob: float, sigmoid: bool) -> list[float]:
@@ -305,7 +295,7 @@ def test_recipe_family_and_route_pick_the_domain_of_the_text(monkeypatch, capsys
 ])
 def test_bad_compress_input_is_one_line(monkeypatch, capsys, saved_models, tmp_path, args, pattern):
     single = tmp_path / "single.txt"
-    single.write_text(" ".join(_SENTENCES) * 20)
+    single.write_text(" ".join(SENTENCES) * 20)
     args = [str(single) if a == "SINGLE" else a for a in args]
     calib = [] if "--calib" in args else ["--calib", "builtin:demo"]
     code, _, err = run_cli(monkeypatch, capsys, "compress", saved_models["mixtral"], *args, "--experts", 4, *calib,

@@ -20,6 +20,7 @@ import pytest
 import torch
 from clitools import run_cli
 from conftest import ARCHS
+from helpers import capture_block_inputs, ids
 from transformers import AutoModelForCausalLM
 
 from moe_compress.calibration.runner import run_layers
@@ -37,10 +38,6 @@ SCORE_METHODS = {"frequency": "frequency", "soft-count": "soft_count", "ean": "e
 PRUNING_METHODS = ["frequency", "soft-count", "ean", "reap", "naee", "random"]
 
 
-def ids(n=4, length=32, vocab=96, seed=1):
-    return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
-
-
 def n_keep_for(arch: str) -> int:
     return 4 if arch == "deepseek_v3" else 5  # DeepSeek-V3 tiny: 2 groups of 4 -> an even count
 
@@ -52,19 +49,7 @@ def n_keep_for(arch: str) -> int:
 def capture_experts_calls(model, x) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Run the whole model on x; per MoE layer, what its experts module received: (hidden [T,H], idx [T,k],
     weights [T,k]) as the model's own router computed them."""
-    adapter = get_adapter(model)
-    seen, hooks = {}, []
-    for i, block in adapter.moe_blocks(model).items():
-        def hook(mod, args, out, i=i):
-            seen[i] = (args[0].detach().clone(), args[1].detach().clone(), args[2].detach().float().clone())
-        hooks.append(block.experts.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
+    return {i: (h, idx, w.float()) for i, (h, idx, w) in capture_block_inputs(model, x, lambda a, b: b.experts).items()}
 
 
 def brute_stats(model, x) -> dict[int, dict[str, torch.Tensor]]:

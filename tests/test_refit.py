@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import ARCHS
+from helpers import ids
 
 from moe_compress.calibration.runner import run_layers
 from moe_compress.methods.base import LayerContext, get_method
@@ -31,10 +32,6 @@ from moe_compress.models.layer import expert_forward
 from moe_compress.models.registry import get_adapter
 from moe_compress.models.routing import route
 from moe_compress.models.tiny import tiny_model
-
-
-def ids(n=4, length=32, vocab=96, seed=1):
-    return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
 
 
 def first_layer(arch):

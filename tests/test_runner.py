@@ -21,7 +21,8 @@ from clitools import assert_user_error, run_cli
 from safetensors import safe_open
 
 from moe_compress.errors import UserError
-from moe_compress.pipeline import compress, resolve_execution
+from moe_compress.execute import compress
+from moe_compress.pipeline import resolve_execution
 from moe_compress.recipe import Execution, build_recipe
 from moe_compress.streaming import compress_streaming
 
@@ -107,7 +108,7 @@ import sys
 sys.path.insert(0, {src!r})
 import torch
 torch.set_num_threads(1)
-from moe_compress.pipeline import compress
+from moe_compress.execute import compress
 from moe_compress.recipe import build_recipe
 res = compress(build_recipe({recipe!r}))
 assert res.streamed is not None and res.streamed.world == 2

@@ -16,7 +16,7 @@ from clitools import run_cli
 from transformers import AutoModelForCausalLM
 
 from moe_compress.errors import UserError
-from moe_compress.pipeline import compress
+from moe_compress.execute import compress
 from moe_compress.recipe import build_recipe
 from moe_compress.streaming import compress_streaming, parse_size, plan_memory
 

@@ -8,9 +8,10 @@ import pytest
 import torch
 from clitools import assert_user_error, run_cli
 from conftest import ARCHS
+from helpers import ids
 from methods_e2e import cli_prune_and_check, layer_stats
 from safetensors.torch import load_file
-from test_pruning import capture_experts_calls, ids, n_keep_for
+from test_pruning import capture_experts_calls, n_keep_for
 
 from moe_compress.errors import UserError
 from moe_compress.methods.base import LayerContext, get_method

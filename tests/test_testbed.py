@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import json
-import random
+import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from helpers import write_corpus
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moe_compress.testbed.shipped import shipped_testbed
-from moe_compress.testbed.train import TrainSettings, lr_at, train
+from moe_compress.models.loading import resolve_model
+from tools.testbed.arch import build_config
+from tools.testbed.balance import RouterTap
+from tools.testbed.evaluate import eval_windows, evaluate_domains
+from tools.testbed.train import TrainSettings, lr_at, train
 
 TINY = {
     "mixtral": dict(hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -21,23 +28,11 @@ TINY = {
 }
 
 
-def _write_corpus(path, seed: int = 0) -> None:
-    """Two small domains (prose, Python) as JSON lines."""
-    rng = random.Random(seed)
-    words = "the cat sat on a mat while river water ran past old stone houses near green hills".split()
-    lines = []
-    for i in range(12):
-        prose = " ".join(rng.choice(words) for _ in range(120)) + "."
-        code = "\n".join(f"def f{i}_{j}(x):\n    return x * {j} + {i}\n" for j in range(12))
-        lines += [json.dumps({"text": prose, "domain": "prose"}), json.dumps({"text": code, "domain": "code"})]
-    path.write_text("\n".join(lines) + "\n")
-
-
 def _tiny_run(tmp_path, arch: str, name: str) -> tuple[TrainSettings, dict]:
     """Train ``arch`` for 6 steps on a tiny config and corpus; the checkpoint goes to ``tmp_path / name``."""
     corpus = tmp_path / "corpus.jsonl"
     if not corpus.exists():
-        _write_corpus(corpus)
+        write_corpus(corpus)
     settings = TrainSettings(
         arch=arch, out=tmp_path / name, data=corpus, eval_data=None, held_out_fraction=0.2, steps=6,
         warmup_steps=2, seq_len=32, batch_size=4, vocab_size=300, tokenizer_chars_per_domain=20_000,
@@ -46,13 +41,7 @@ def _tiny_run(tmp_path, arch: str, name: str) -> tuple[TrainSettings, dict]:
     return settings, train(settings)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy machine the threads' waiting costs 5-10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +82,31 @@ def test_tiny_training_is_deterministic(tiny_runs):
     assert first["routing"]["counts"] == second["routing"]["counts"]
 
 
+@pytest.mark.parametrize("arch", list(TINY))
+def test_held_out_perplexity_and_counts_are_those_of_the_seq_len_token_forward(arch):
+    """`evaluate_domains` (the package's evaluate_lm on windows of S + 1 tokens) == a literal loop: each window's
+    first S tokens run through the model (S = max_position_embeddings, as in training), cross-entropy against the
+    next S tokens summed in fp64; the expert counts over the same S tokens per window."""
+    seq_len, vocab = 16, 64
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(build_config(arch, vocab, 0, 1, seq_len, TINY[arch])).eval()
+    stream = np.random.default_rng(0).integers(0, vocab, 5 * seq_len + 3).astype(np.int32)
+    tap = RouterTap(model)
+    tap.start_counting(torch.device("cpu"))
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for window in eval_windows(stream, seq_len):
+            logits = model(input_ids=window[None, :-1], use_cache=False).logits[0]
+            nll += float(F.cross_entropy(logits.double(), window[1:], reduction="sum"))
+            n += seq_len
+    counts = tap.stop_counting().tolist()
+    got = evaluate_domains(model, tap, {"d": stream}, seq_len, batch_size=2)
+    assert got["tokens"] == {"d": n} and n == 5 * seq_len
+    assert got["perplexity"]["d"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+    assert got["counts"]["d"] == counts
+    assert sum(map(sum, counts)) == n * len(counts) * model.config.num_experts_per_tok
+
+
 def test_lr_schedule_warmup_then_cosine_to_floor():
     lrs = [lr_at(s, warmup=10, total=100, peak=1.0, min_ratio=0.1) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
@@ -101,7 +115,7 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
 
 
 def test_shipped_mixtral_8e():
-    path = shipped_testbed("mixtral-8e")
+    path = Path(resolve_model("builtin:mixtral-8e"))
     model = AutoModelForCausalLM.from_pretrained(path)
     config = model.config
     assert config.model_type == "mixtral"

@@ -8,15 +8,15 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from clitools import assert_user_error, run_cli
-from test_testbed import _write_corpus
+from clitools import assert_user_error, run_testbed_cli
+from helpers import write_corpus
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moe_compress.models.tiny import tiny_model
-from moe_compress.testbed.arch import UPCYCLED, build_config
-from moe_compress.testbed.similarity import expert_similarity
-from moe_compress.testbed.train import MAX_OUTPUT_FILES, TrainSettings, train
-from moe_compress.testbed.upcycle import dense_config, segment_layout, upcycle
+from tools.testbed.arch import UPCYCLED, build_config
+from tools.testbed.similarity import expert_similarity
+from tools.testbed.train import MAX_OUTPUT_FILES, TrainSettings, train
+from tools.testbed.upcycle import dense_config, segment_layout, upcycle
 
 TRUNK = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
 TINY = {
@@ -28,12 +28,7 @@ TINY = {
 VOCAB = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pair(preset: str, router_std: float, seed: int = 0, **kw):
@@ -120,7 +115,7 @@ def test_drop_upcycling_reinit_redraws_a_fraction_of_neurons():
 
 
 def test_router_rows_whitened_and_orthogonal_to_the_mean():
-    from moe_compress.testbed.upcycle import _router_rows, mlp_input_stats
+    from tools.testbed.upcycle import _router_rows, mlp_input_stats
 
     dense, _, _ = _pair("mixtral-upcycled", router_std=1e-3)
     stats = mlp_input_stats(dense, IDS)
@@ -202,7 +197,7 @@ def test_similarity_uses_the_merging_methods_definitions():
     """The testbed report measures what the merging methods group on (methods.merging.signals)."""
     from moe_compress.methods.merging.signals import expert_output_signals, weight_similarity
     from moe_compress.models.registry import get_adapter
-    from moe_compress.testbed.similarity import moe_inputs, output_cosine, weight_cosine
+    from tools.testbed.similarity import moe_inputs, output_cosine, weight_cosine
 
     model = tiny_model("qwen2_moe")
     windows = [torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(3))]
@@ -242,23 +237,23 @@ def test_similarity_of_fresh_copies_is_one():
     (["--arch", "mixtral", "--router-lr-scale", "0"], "--router-lr-scale must be > 0"),
 ])
 def test_train_option_errors(monkeypatch, capsys, tmp_path, args, message):
-    code, _, err = run_cli(monkeypatch, capsys, "testbed", "train", "--out", tmp_path / "out",
+    code, _, err = run_testbed_cli(monkeypatch, capsys, "train", "--out", tmp_path / "out",
                            "--data", tmp_path / "missing", *args)
     assert_user_error(code, err, message)
     assert not (tmp_path / "out").exists()
 
 
 def test_similarity_errors(monkeypatch, capsys, tmp_path):
-    code, _, err = run_cli(monkeypatch, capsys, "testbed", "similarity", tmp_path / "nowhere")
+    code, _, err = run_testbed_cli(monkeypatch, capsys, "similarity", tmp_path / "nowhere")
     assert_user_error(code, err, "model folder not found")
     dense = AutoModelForCausalLM.from_config(dense_config(build_config(
         "mixtral", VOCAB, 0, 1, 64, TINY["mixtral-upcycled"])))
     dense.save_pretrained(tmp_path / "dense")
-    code, _, err = run_cli(monkeypatch, capsys, "testbed", "similarity", tmp_path / "dense", "--data",
+    code, _, err = run_testbed_cli(monkeypatch, capsys, "similarity", tmp_path / "dense", "--data",
                            tmp_path / "nodata")
     assert_user_error(code, err, "held-out data not found")
     (tmp_path / "text.txt").write_text("a b c")
-    code, _, err = run_cli(monkeypatch, capsys, "testbed", "similarity", tmp_path / "dense", "--data",
+    code, _, err = run_testbed_cli(monkeypatch, capsys, "similarity", tmp_path / "dense", "--data",
                            tmp_path / "text.txt")
     assert_user_error(code, err, "cannot load the tokenizer")  # a checkpoint without one
 
@@ -272,7 +267,7 @@ _TINY_RUN = ["--steps", "4", "--dense-steps", "3", "--warmup-steps", "2", "--seq
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("upcycle") / "corpus.jsonl"
-    _write_corpus(path)
+    write_corpus(path)
     return path
 
 
@@ -306,19 +301,19 @@ def test_tiny_qwen_fine_run(corpus, tmp_path):
 def test_tiny_mixtral_run_through_the_cli(monkeypatch, capsys, corpus, tmp_path):
     """The command as the GPU runs it (tiny), then `testbed similarity` on its checkpoint."""
     sets = [a for k, v in TINY["mixtral-upcycled"].items() for a in ("--set", f"{k}={v}")]
-    code, out, err = run_cli(monkeypatch, capsys, "testbed", "train", "--preset", "mixtral-upcycled",
+    code, out, err = run_testbed_cli(monkeypatch, capsys, "train", "--preset", "mixtral-upcycled",
                              "--out", tmp_path / "m", "--data", corpus, *_TINY_RUN, *sets)
     assert code == 0, err
     assert json.loads(out)["steps"] == 7
     record = json.loads((tmp_path / "m" / "training.json").read_text())
-    assert record["command"].startswith("moe-compress testbed train --preset mixtral-upcycled")
+    assert record["command"].startswith("python -m tools.testbed train --preset mixtral-upcycled")
     assert record["upcycle"]["function_gap"]["max_abs_logit_diff"] < 1e-4  # the dense model exactly
     start = record["similarity"]["start"]
     assert start["mean"]["weight"] == pytest.approx(1.0, abs=1e-5) and start["mean"]["output"] == pytest.approx(
         1.0, abs=1e-5)
     assert len(list((tmp_path / "m").iterdir())) <= MAX_OUTPUT_FILES
 
-    code, out, err = run_cli(monkeypatch, capsys, "testbed", "similarity", tmp_path / "m", "--data", corpus,
+    code, out, err = run_testbed_cli(monkeypatch, capsys, "similarity", tmp_path / "m", "--data", corpus,
                              "--tokens", "64", "--seq-len", "16", "--out", tmp_path / "sim.json")
     assert code == 0, err
     assert "weight cosine" in out and "mean" in out.splitlines()[-2]

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moe_compress.models.registry import ARCHS
-from moe_compress.testbed.arch import PRESETS
+from tools.testbed.arch import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))

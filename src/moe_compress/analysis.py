@@ -65,9 +65,9 @@ def analyze(
     the default cache (``$MOE_COMPRESS_CACHE`` or ~/.cache/moe-compress/stats) unless ``use_cache`` is False.
     """
     from moe_compress.calibration.data import build_calibration
+    from moe_compress.devices import pick_device, pick_dtype
     from moe_compress.models.loading import load_config, load_model, load_tokenizer, resolve_model
     from moe_compress.models.registry import get_adapter
-    from moe_compress.pipeline import pick_device, pick_dtype
 
     if not calib:
         raise UserError("analyze needs calibration data: pass --calib SPEC (a file or folder of .txt/.jsonl, "

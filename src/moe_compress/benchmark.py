@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from moe_compress.calibration.runner import LayerRun, LayerRunner, LayerSink
+from moe_compress.devices import pick_device
 from moe_compress.errors import UserError
 from moe_compress.export.writer import atomic_output_dir, check_output_dir, save_model
 from moe_compress.methods.base import Method, get_method, parse_method_spec, split_method_list
@@ -32,7 +33,6 @@ from moe_compress.pipeline import (
     calibration_batches,
     check_budget,
     check_domains,
-    pick_device,
 )
 from moe_compress.recipe import Calibration
 

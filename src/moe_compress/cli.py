@@ -207,10 +207,10 @@ def compress(
 
 
 def _run_compress(r, quiet: bool) -> None:
-    """`moe_compress.pipeline.compress` (in memory or streamed, as ``r.execution`` says); under torchrun only
+    """`moe_compress.execute.compress` (in memory or streamed, as ``r.execution`` says); under torchrun only
     rank 0 prints."""
     from moe_compress.distributed import rank_from_env
-    from moe_compress.pipeline import compress as run_compress
+    from moe_compress.execute import compress as run_compress
 
     rank0 = rank_from_env() == 0
     with progress_bar(not quiet and rank0) as progress:
@@ -265,7 +265,7 @@ def route(
     checkpoint at OUT) against each domain's stored pattern; prints the nearest one's path and the distances."""
     import json
 
-    from moe_compress.pipeline import pick_device
+    from moe_compress.devices import pick_device
     from moe_compress.route import load_family, route_prompt
 
     if (prompt is None) == (prompt_file is None):
@@ -492,15 +492,6 @@ def demo(
         out_console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
-def _mount_testbed() -> None:
-    from moe_compress.testbed.cli import app as testbed_app
-
-    app.add_typer(testbed_app, name="testbed")
-
-
-_mount_testbed()
-
-
 def _log_traceback() -> Path:
     log_dir = Path(tempfile.gettempdir()) / "moe-compress-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -553,9 +544,16 @@ def _interrupted() -> None:
 
 def main() -> None:
     """Console entry point: maps errors to exit codes (2 = user mistake, 130 = interrupted, 1 = internal error)."""
+    run_app(app)
+
+
+def run_app(typer_app: typer.Typer) -> None:
+    """Run ``typer_app`` as `main` runs the `moe-compress` command: a `UserError` or usage mistake is one line
+    and exit code 2, Ctrl-C 130, anything else an internal error (1) with the traceback in a log file. The
+    repository's tools (``python -m tools.testbed``) run their commands through it too."""
     try:
         _quiet_libraries()
-        code = app(standalone_mode=False)
+        code = typer_app(standalone_mode=False)
     except UserError as e:
         console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -1,10 +1,11 @@
 """The compression pipeline: model -> calibration runner -> statistics -> method plan -> surgery -> export.
 
-`compress` executes a validated `Recipe` as its ``execution`` field says: in memory (`compress_in_memory`: the
-whole model loaded, the layer runner with `ApplySink`) or streamed layer by layer (`moe_compress.streaming`; also
-under torchrun). It is the only place that wires the stages together; the CLI builds the recipe and calls it,
-and it never parses arguments itself. The one budget check (`check_budget`) and the one calibration-set
-builder (`build_calibration_set`) live here for every execution, the dry run and bench.
+`compress_in_memory` runs a validated `Recipe` with the whole model loaded (the layer runner with `ApplySink`);
+`moe_compress.execute.compress` dispatches on the recipe's ``execution`` field (`resolve_execution`) between it
+and the streamed configuration (`moe_compress.streaming`, which builds on this module). It is the only place
+that wires the stages together, and it never parses arguments itself. The one budget check (`check_budget`)
+and the one calibration-set builder (`build_calibration_set`) live here for every execution, the dry run and
+bench.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from moe_compress import __version__
 from moe_compress.calibration.runner import CalibrationBatches, LayerRun, LayerRunner, LayerSink
 from moe_compress.calibration.stats import Statistics
+from moe_compress.devices import pick_device, pick_dtype
 from moe_compress.errors import UserError
 from moe_compress.export.card import model_card
 from moe_compress.export.dtypes import resolve_policy
@@ -35,7 +37,6 @@ from moe_compress.recipe import Calibration, Execution, Recipe
 
 if TYPE_CHECKING:
     from moe_compress.calibration.data import CalibrationSet
-    from moe_compress.streaming import StreamResult
 
 Progress = Callable[[str, int, int], None]
 
@@ -50,19 +51,9 @@ class CompressResult:
     stats: Statistics
     timings: dict[str, float] = field(default_factory=dict)
     companions: object = None  # `Method.companions` for a method that writes them (premoe: the domain patterns)
-    streamed: StreamResult | None = None  # a streamed run's record (then ``model`` is None: it never was in memory)
-
-
-def pick_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {name} requested but CUDA is not available; use --device cpu")
-    return name
-
-
-def pick_dtype(name: str) -> torch.dtype | str:
-    return "auto" if name == "auto" else getattr(torch, name)
+    # a streamed run's `moe_compress.streaming.StreamResult` (set by `moe_compress.execute.compress`; then ``model``
+    # is None: it never was in memory). Typed Any: streaming sits above this module (docs/architecture.md, Layers).
+    streamed: Any = None
 
 
 def validate_budget(recipe: Recipe, adapter: Adapter, method: Method | None = None) -> int:
@@ -267,23 +258,6 @@ def resolve_execution(recipe: Recipe) -> Execution:
         raise UserError(f"this run was launched by torchrun ({world} processes), which needs streaming: drop "
                         "execution.mode memory (or use --stream)")
     return execution
-
-
-def compress(recipe: Recipe, progress: Progress | None = None, write: bool = True,
-             log: Callable[[str], None] | None = None) -> CompressResult:
-    """Execute ``recipe`` as its ``execution`` says (`resolve_execution`): in memory (`compress_in_memory`) or
-    streamed layer by layer (`moe_compress.streaming.compress_streaming`: always writes; ``result.model`` is
-    None and ``result.streamed`` holds its record). compression.json records the concrete execution."""
-    execution = resolve_execution(recipe)
-    recipe = recipe.model_copy(update={"execution": execution})
-    if execution.mode == "stream":
-        if not write:
-            raise UserError("a streamed compression writes its output layer by layer: it cannot run with write=False")
-        from moe_compress.streaming import compress_streaming
-
-        res = compress_streaming(recipe, progress=progress, log=log)
-        return CompressResult(None, None, res.manifest, Statistics(), res.timings, streamed=res)
-    return compress_in_memory(recipe, progress, write)
 
 
 def compress_in_memory(recipe: Recipe, progress: Progress | None = None, write: bool = True) -> CompressResult:

@@ -34,13 +34,6 @@ class Calibration(_Strict):
     batch_size: int = Field(8, ge=1)
 
 
-class Evaluation(_Strict):
-    data: str | None = None
-    seq_len: int = Field(512, ge=2)
-    max_windows: int | None = Field(None, ge=1)
-    metrics: list[Literal["ppl", "kld", "top1"]] = ["ppl", "kld", "top1"]
-
-
 _UNITS = {"": 1, "b": 1, "k": 2 ** 10, "kb": 10 ** 3, "kib": 2 ** 10, "m": 2 ** 20, "mb": 10 ** 6,
           "mib": 2 ** 20, "g": 2 ** 30, "gb": 10 ** 9, "gib": 2 ** 30, "t": 2 ** 40, "tb": 10 ** 12, "tib": 2 ** 40}
 
@@ -105,7 +98,6 @@ class Recipe(_Strict):
     save_dtype: Literal["source", "float32", "bfloat16", "float16"] = "source"  # dtype of the written tensors
     seed: int = 0
     trust_remote_code: bool = False
-    evaluation: Evaluation | None = None
     execution: Execution = Execution()
 
     @model_validator(mode="before")

@@ -1,6 +1,6 @@
 """Streaming compression: models bigger than the GPU (and than CPU RAM), resumable, on one or several GPUs.
 
-`compress_streaming(recipe)` (what `pipeline.compress` runs for ``execution.mode: stream``) does what the in-memory
+`compress_streaming(recipe)` (what `execute.compress` runs for ``execution.mode: stream``) does what the in-memory
 compression does, without ever building the whole model. It is the layer runner
 (`moe_compress.calibration.runner.LayerRunner`) with the `LazyCheckpoint` as its source, the torchrun
 `DistContext` as its batch split and `StreamSink` as its sink:
@@ -340,6 +340,7 @@ def _run(recipe: Recipe, ctx: DistContext, max_gpu_memory: str | int | None, pro
          log: Callable[[str], None] | None, offload: str) -> StreamResult:
     """The streaming configuration of the layer runner: `LazyCheckpoint` source, ``ctx`` split, `StreamSink`."""
     from moe_compress.calibration.runner import LayerRunner
+    from moe_compress.devices import pick_device, pick_dtype
     from moe_compress.methods.base import get_method
     from moe_compress.models.loading import load_tokenizer, resolve_model
     from moe_compress.pipeline import (
@@ -347,8 +348,6 @@ def _run(recipe: Recipe, ctx: DistContext, max_gpu_memory: str | int | None, pro
         calibration_batches,
         calibration_set,
         check_domains,
-        pick_device,
-        pick_dtype,
         require_calibration,
         validate_budget,
     )

@@ -23,9 +23,10 @@ from typing import Callable, Sequence
 import torch
 
 from moe_compress.calibration.observers import ROUTED_STATS
-from moe_compress.calibration.runner import LayerRun, LayerSource, run_layers
+from moe_compress.calibration.runner import LayerRun, run_layers
 from moe_compress.calibration.stats import Statistics
 from moe_compress.models.registry import Adapter
+from moe_compress.models.source import LayerSource
 
 CACHE_VERSION = 1
 

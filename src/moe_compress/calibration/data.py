@@ -509,10 +509,10 @@ def _groups(spec_or_docs: str | os.PathLike | Sequence[Document]) -> tuple[str, 
     """(spec text, sampling groups): one group per domain of each mixture component."""
     if isinstance(spec_or_docs, (str, os.PathLike)):
         spec = os.fspath(spec_or_docs)
-        components = [(weight, _by_domain(_read_component(part))) for part, weight in split_mixture(spec)]
+        components = [(weight, texts_by_domain(_read_component(part))) for part, weight in split_mixture(spec)]
     else:
         spec = f"<{len(spec_or_docs)} documents>"
-        components = [(1.0, _by_domain(spec_or_docs))]
+        components = [(1.0, texts_by_domain(spec_or_docs))]
     groups = [_Group(domain, weight / len(by_domain), texts)
               for weight, by_domain in components for domain, texts in by_domain.items()]
     if not groups:
@@ -520,7 +520,7 @@ def _groups(spec_or_docs: str | os.PathLike | Sequence[Document]) -> tuple[str, 
     return spec, groups
 
 
-def _by_domain(docs: Iterable[Document]) -> dict[str, list[str]]:
+def texts_by_domain(docs: Iterable[Document]) -> dict[str, list[str]]:
     """Non-blank texts by domain, domains in order of first appearance."""
     out: dict[str, list[str]] = {}
     for doc in docs:

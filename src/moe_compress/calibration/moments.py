@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_compress.calibration.observers import LayerObserver, register_observer
+from moe_compress.calibration.observer_base import LayerObserver, register_observer
 from moe_compress.errors import UserError
 from moe_compress.models.layer import MoELayer
 

@@ -22,7 +22,8 @@ mask [T]) through `update`, and returns {statistic: tensor} from `result`. Befor
 calibration data has no domains. A plug-in that also defines ``update_routed`` receives, after the experts ran,
 the routed outputs the model itself computed (see `LayerObserver.update_routed`), so statistics of the routed
 outputs cost no second expert pass. The built-in plug-ins (`calibration.similarity`, `calibration.moments`,
-`calibration.domains`, `calibration.routed`) register themselves the first time `make_observers` runs.
+`calibration.domains`, `calibration.routed`) import the base class and registry from
+`calibration.observer_base` and are imported (registered) by this module.
 
 On accelerators the routed experts run as one grouped matrix product per projection
 (``torch.nn.functional.grouped_mm`` / ``torch._grouped_mm``, like transformers' ``grouped_mm`` backend) where
@@ -34,48 +35,19 @@ per expert on its tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
+# the built-in plug-ins register themselves on import (each imports only `observer_base`: no cycle)
+import moe_compress.calibration.domains  # noqa: F401
+import moe_compress.calibration.moments  # noqa: F401
+import moe_compress.calibration.routed  # noqa: F401
+import moe_compress.calibration.similarity  # noqa: F401
+from moe_compress.calibration.observer_base import EXTRA_OBSERVERS, LayerObserver
 from moe_compress.models.layer import Activation, ExpertWeights, MoELayer, expert_forward
 
 ROUTED_STATS = ("frequency", "soft_count", "ean", "reap", "max_activation")
-
-
-class LayerObserver:
-    """A statistic observer for one MoE layer beyond the routed statistics (subclass and `register_observer`).
-
-    ``provides``: the statistic names `result` returns. ``options``: free-form settings from the caller (for
-    example a token budget).
-    """
-
-    provides: ClassVar[tuple[str, ...]] = ()
-    token_domain: torch.Tensor | None = None  # [T] int64 domain id per token of the current batch, or None
-
-    def __init__(self, layer: MoELayer, **options: Any):
-        self.layer = layer
-        self.options = options
-
-    def update(self, hidden: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor) -> None:
-        raise NotImplementedError
-
-    def result(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    # Optional: define ``update_routed(hidden, tok, expert, y, weight, keep)`` to receive the routed outputs of
-    # every batch: hidden [T, H] the MoE block's input, and per routed (token, slot) row r (all [R], rows grouped
-    # by expert): tok[r] the token, expert[r] the expert, y [R, H] its output (before the routing weight),
-    # weight[r] the routing weight as the model applies it, keep[r] True for real (non-padding) tokens.
-
-
-EXTRA_OBSERVERS: dict[str, type[LayerObserver]] = {}
-
-
-def register_observer(cls: type[LayerObserver]) -> type[LayerObserver]:
-    for name in cls.provides:
-        EXTRA_OBSERVERS[name] = cls
-    return cls
 
 
 class InputCapture(LayerObserver):
@@ -108,16 +80,8 @@ class InputCapture(LayerObserver):
         return {}
 
 
-def _load_builtin_observers() -> None:
-    import moe_compress.calibration.domains  # noqa: F401  (registration side effects)
-    import moe_compress.calibration.moments  # noqa: F401
-    import moe_compress.calibration.routed  # noqa: F401
-    import moe_compress.calibration.similarity  # noqa: F401
-
-
 def make_observers(layer: MoELayer, names: Iterable[str], **options: Any) -> list[LayerObserver]:
     """One instance of each extra observer class needed for the statistic ``names`` (routed ones skipped)."""
-    _load_builtin_observers()
     classes: list[type[LayerObserver]] = []
     for name in names:
         if name in ROUTED_STATS:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moe_compress.calibration.observers import LayerObserver, register_observer
+from moe_compress.calibration.observer_base import LayerObserver, register_observer
 from moe_compress.models.layer import MoELayer, expert_forward
 
 

@@ -31,6 +31,9 @@ device per batch.
 
 Modes: ``oneshot`` (default) feeds layer i+1 with the outputs of the ORIGINAL layer i; ``sequential`` feeds it
 with the outputs of layer i after the sink changed it (compressed), so later decisions see earlier compression.
+
+The default `LayerSource` lives in `moe_compress.models.source` (below `calibration/`, since
+`moe_compress.models.lazy.LazyCheckpoint` is one too).
 """
 
 from __future__ import annotations
@@ -44,8 +47,8 @@ import torch
 from moe_compress.calibration.observers import InputCapture, ObservedExperts, make_observers
 from moe_compress.models.loading import CausalLM
 from moe_compress.models.registry import Adapter
+from moe_compress.models.source import Device, LayerSource
 
-Device = str | torch.device
 Progress = Callable[[str, int, int], None]
 Mode = Literal["oneshot", "sequential"]
 
@@ -67,17 +70,6 @@ class LayerRun:
     moe_inputs: torch.Tensor | None
     moe_domains: torch.Tensor | None = None
     is_moe: bool = False
-
-
-class LayerSource:
-    """Brings decoder layer ``index`` to ``device`` before it runs and puts it away afterwards (in memory: move
-    it back to ``offload_device``). `moe_compress.models.lazy.LazyCheckpoint` reads it from the shards instead."""
-
-    def load(self, index: int, layer: torch.nn.Module, device: Device) -> None:
-        layer.to(device)
-
-    def release(self, index: int, layer: torch.nn.Module, offload_device: Device) -> None:
-        layer.to(offload_device)
 
 
 class BatchSplit(Protocol):

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_compress.calibration.observers import LayerObserver, register_observer
+from moe_compress.calibration.observer_base import LayerObserver, register_observer
 from moe_compress.models.layer import ExpertWeights, MoELayer
 
 CHUNK_ELEMENTS = 2 ** 28

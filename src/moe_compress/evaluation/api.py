@@ -72,9 +72,9 @@ def evaluate_model(model: str, *, reference: str | None = None, data: str | None
     """Evaluate ``model`` (see the CLI's ``eval``). ``reference`` is used for KL/top-1/ppl ratio when ``compare``
     and for the inference-cost comparison when ``cost``; ``cost`` adds ``data["cost"]`` (`measure_cost`)."""
     from moe_compress.calibration.data import evaluation_windows, read_documents
+    from moe_compress.devices import pick_device, pick_dtype
     from moe_compress.evaluation.metrics import check_same_tokenizer, evaluate_lm, generate_side_by_side
     from moe_compress.models.loading import load_model, load_tokenizer
-    from moe_compress.pipeline import pick_device, pick_dtype
 
     dev = pick_device(device)
     m = load_model(model, dtype=pick_dtype(dtype), device=dev)

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from moe_compress.divergence import token_kl
 from moe_compress.errors import UserError
 from moe_compress.models.loading import CausalLM
 
@@ -121,11 +122,6 @@ def _check_windows(windows: Mapping[str, torch.Tensor], vocab: int) -> None:
         if int(w.min()) < 0 or int(w.max()) >= vocab:
             raise UserError(f"windows of {domain!r} hold token ids outside the model's vocabulary of {vocab}: "
                             "were they tokenised with another tokenizer?")
-
-
-def token_kl(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
-    """[N, V] log-probabilities of the reference and of the model -> [N] KL(reference || model) in nats."""
-    return (ref_logprobs.exp() * (ref_logprobs - logprobs)).sum(-1)
 
 
 def _score_batch(logits: torch.Tensor, targets: torch.Tensor, ref_logits: torch.Tensor | None) -> _Sums:

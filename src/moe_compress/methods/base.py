@@ -179,6 +179,7 @@ class Method:
 
 
 METHODS: dict[str, type[Method]] = {}
+"""name -> class, filled by `register` while `moe_compress.methods` (the package) imports every method module."""
 
 # -- method specs: NAME or NAME[key=value,...], the one syntax of --method, recipes' ``method:``, bench --methods
 # and the ``spec`` field of compression.json
@@ -275,7 +276,6 @@ def register(cls: type[Method]) -> type[Method]:
 
 def method_class(name: str) -> type[Method]:
     """The registered method ``name``; a `UserError` with a suggestion otherwise."""
-    _load_builtin_methods()
     if name not in METHODS:
         close = difflib.get_close_matches(name, METHODS, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
@@ -288,20 +288,4 @@ def get_method(name: str, **params: Any) -> Method:
 
 
 def all_methods() -> dict[str, type[Method]]:
-    _load_builtin_methods()
     return dict(sorted(METHODS.items()))
-
-
-METHOD_PACKAGES = ("moe_compress.methods.pruning", "moe_compress.methods.merging", "moe_compress.methods.hybrid")
-
-
-def _load_builtin_methods() -> None:
-    """Import every module of the method packages (each registers its methods on import): a new method is one
-    new file, with no list to edit."""
-    import importlib
-    import pkgutil
-
-    for package in METHOD_PACKAGES:
-        pkg = importlib.import_module(package)
-        for info in pkgutil.iter_modules(pkg.__path__):
-            importlib.import_module(f"{package}.{info.name}")

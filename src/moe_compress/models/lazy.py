@@ -37,9 +37,9 @@ from typing import TYPE_CHECKING, Iterator, Literal
 
 import torch
 
-from moe_compress.calibration.runner import LayerSource
 from moe_compress.errors import UserError
 from moe_compress.models.registry import Adapter, get_adapter
+from moe_compress.models.source import LayerSource
 
 if TYPE_CHECKING:
     import ctypes

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_compress.report.plots import _figure
+from moe_compress.report.plots import figure
 
 
 def _fmt(v, digits=4) -> str:
@@ -139,7 +139,7 @@ def markdown_report(rows: list[dict], meta: dict, plots: list[str]) -> str:
 
 def plot_vs_experts(rows: list[dict], key: str, path: Path) -> Path:
     """``key`` (ppl_ratio or kld) against experts kept, one line per method."""
-    fig = _figure(6.4, 4.2)
+    fig = figure(6.4, 4.2)
     ax = fig.add_subplot()
     for method in dict.fromkeys(r["method"] for r in rows):
         pts = sorted((r["experts"], r[key]) for r in rows if r["method"] == method)
@@ -158,7 +158,7 @@ def plot_domains(rows: list[dict], budget: int, path: Path) -> Path:
     """Per-domain perplexity ratio bars for one budget, one bar group per domain."""
     doms = domains_of(rows)
     sel = [r for r in rows if r["experts"] == budget]
-    fig = _figure(max(6.4, 1.2 * len(doms) + 2), 4.2)
+    fig = figure(max(6.4, 1.2 * len(doms) + 2), 4.2)
     ax = fig.add_subplot()
     width = 0.8 / max(1, len(sel))
     x = np.arange(len(doms))

@@ -18,7 +18,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 
-def _figure(width: float, height: float) -> Figure:
+def figure(width: float, height: float) -> Figure:
+    """A matplotlib figure of ``width`` x ``height`` inches with its own Agg canvas (no pyplot state), as every
+    plot of the package draws them."""
     fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -35,7 +37,7 @@ def usage_heatmap(share: np.ndarray, layer_ids: Sequence[int], path: str | Path,
                   title: str = "Expert usage: share of tokens selecting each expert") -> Path:
     """share [L, E]: fraction of tokens whose top-k contains the expert (each row sums to top_k)."""
     n_layers, n_exp = share.shape
-    fig = _figure(min(18, 3 + 0.28 * n_exp), min(14, 1.8 + 0.32 * n_layers))
+    fig = figure(min(18, 3 + 0.28 * n_exp), min(14, 1.8 + 0.32 * n_layers))
     ax = fig.add_subplot()
     im = ax.imshow(share, aspect="auto", cmap="viridis", vmin=0, interpolation="nearest")
     ax.set_xlabel("expert")
@@ -64,7 +66,7 @@ def similarity_grid(matrices: dict[int, np.ndarray], path: str | Path, title: st
         layers = [layers[i] for i in sorted(set(pick.tolist()))]
         title += f" ({len(layers)} of {len(matrices)} layers)"
     rows, cols = _panel_layout(len(layers))
-    fig = _figure(2.6 * cols + 1, 2.4 * rows + 0.6)
+    fig = figure(2.6 * cols + 1, 2.4 * rows + 0.6)
     axes = fig.subplots(rows, cols, squeeze=False)
     im = None
     for ax, layer in zip(axes.flat, layers):
@@ -84,7 +86,7 @@ def domain_usage(shares: np.ndarray, domains: Sequence[str], layer_ids: Sequence
     """shares [D, L, E]: per domain, the share of that domain's tokens selecting each expert."""
     n_dom, n_layers, n_exp = shares.shape
     rows, cols = _panel_layout(n_dom)
-    fig = _figure(min(24, cols * min(9, 2 + 0.22 * n_exp) + 1), rows * min(8, 1.5 + 0.3 * n_layers) + 0.6)
+    fig = figure(min(24, cols * min(9, 2 + 0.22 * n_exp) + 1), rows * min(8, 1.5 + 0.3 * n_layers) + 0.6)
     axes = fig.subplots(rows, cols, squeeze=False)
     vmax = float(shares.max()) if shares.size else 1.0
     im = None

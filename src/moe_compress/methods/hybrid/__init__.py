@@ -1,2 +1,2 @@
-"""Hybrid methods (selection plus re-fitting of what is kept): every module of this package is imported by
-`methods.base`, and the method modules register themselves."""
+"""Hybrid methods (selection plus re-fitting of what is kept): the method modules register themselves on import
+(`moe_compress.methods` imports them)."""

@@ -26,7 +26,7 @@ from typing import Callable, Literal
 
 import torch
 
-from moe_compress.evaluation.metrics import token_kl
+from moe_compress.divergence import token_kl
 
 Progress = Callable[[str, int, int], None]
 

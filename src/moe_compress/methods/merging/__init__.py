@@ -1,2 +1,2 @@
-"""Merging methods and their shared pieces (grouping, merge, router, oracle, ...): every module of this package
-is imported by `methods.base`, and the method modules register themselves."""
+"""Merging methods and their shared pieces (grouping, merge, router, oracle, ...): the method modules register
+themselves on import (`moe_compress.methods` imports them)."""

@@ -1,2 +1,2 @@
-"""Pruning methods: one module per method; each registers its methods on import (`methods.base` imports
-every module of this package)."""
+"""Pruning methods: one module per method; each registers its methods on import (`moe_compress.methods`
+imports every method module)."""

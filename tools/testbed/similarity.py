@@ -14,7 +14,7 @@ tests check it); they are computed here so that testbed training does not import
 Shared experts are left out. Weights and expert outputs are compared in fp32 (bf16 checkpoints are upcast).
 
 ``expert_similarity`` is what testbed training records in ``training.json`` (``similarity.start`` at MoE step 0,
-``similarity.end`` on the saved bf16 model) and what ``moe-compress testbed similarity MODEL`` prints for an
+``similarity.end`` on the saved bf16 model) and what ``python -m tools.testbed similarity MODEL`` prints for an
 existing checkpoint. Independently initialised experts score about 0 on weights; copies of one MLP score 1.
 """
 

@@ -2,7 +2,7 @@
 
 One run: read the corpus, train a byte-level BPE tokenizer, pack every domain into a token stream, build the
 model from its transformers config, pretrain it on one device (bf16 autocast on CUDA, AdamW, linear warm-up then
-cosine decay, load balancing as in :mod:`moe_compress.testbed.balance`), cast it to bf16, evaluate held-out
+cosine decay, load balancing as in :mod:`tools.testbed.balance`), cast it to bf16, evaluate held-out
 per-domain perplexity, a unigram baseline and per-domain expert usage, and write
 
     OUT/config.json, generation_config.json, model*.safetensors   (save_pretrained, hub-style expert names)
@@ -11,14 +11,14 @@ per-domain perplexity, a unigram baseline and per-domain expert usage, and write
     OUT/loss_curve.png, expert_usage.png
 
 An upcycled preset (``arch.UPCYCLED``, ``settings.preset``) trains in two phases in the same run: first the dense
-counterpart for ``dense_share`` of the budget, then the MoE built from it (``moe_compress.testbed.upcycle``: the
+counterpart for ``dense_share`` of the budget, then the MoE built from it (``tools.testbed.upcycle``: the
 dense MLP copied into the experts, a small router, a new optimizer) for the rest, with the architecture's balance
 recipe. Its folder holds at most 8 files: the weight shards (+ index), config.json, the two tokenizer files,
 training.json and one figure, loss_curve.png (both phases' losses and the expert similarity; no
 generation_config.json, whose tokens config.json repeats, and no expert_usage.png, whose counts are in
 training.json: ``plots.plot_expert_usage`` draws them).
 
-Every run records the pairwise expert similarity (``moe_compress.testbed.similarity``) on held-out tokens at MoE
+Every run records the pairwise expert similarity (``tools.testbed.similarity``) on held-out tokens at MoE
 step 0 (random init, or right after upcycling) and at the end (the saved bf16 model).
 
 Time budget: with ``minutes`` set, the first ``warmup_steps`` steps run at the warm-up learning rate while the
@@ -48,8 +48,8 @@ from torch.nn import functional as F
 from transformers import AutoModelForCausalLM
 
 from moe_compress.errors import UserError
-from moe_compress.testbed import experts
-from moe_compress.testbed.arch import (
+from tools.testbed import experts
+from tools.testbed.arch import (
     BALANCE,
     UPCYCLED,
     BalanceSettings,
@@ -59,8 +59,8 @@ from moe_compress.testbed.arch import (
     init_routers,
     moe_blocks,
 )
-from moe_compress.testbed.balance import Balancer, RouterTap, balance_table
-from moe_compress.testbed.data import (
+from tools.testbed.balance import Balancer, RouterTap, balance_table
+from tools.testbed.data import (
     DEFAULT_EVAL_DATA,
     DEFAULT_TRAIN_DATA,
     WindowSampler,
@@ -70,10 +70,10 @@ from moe_compress.testbed.data import (
     split_held_out,
     train_tokenizer,
 )
-from moe_compress.testbed.evaluate import evaluate_domains, generate_samples, unigram_perplexity
-from moe_compress.testbed.plots import plot_expert_usage, plot_loss_curve, plot_upcycled_run
-from moe_compress.testbed.similarity import DEFAULT_TOKENS, expert_similarity, similarity_windows
-from moe_compress.testbed.upcycle import dense_config, function_gap, mlp_input_stats, segment_layout, upcycle
+from tools.testbed.evaluate import evaluate_domains, generate_samples, unigram_perplexity
+from tools.testbed.plots import plot_expert_usage, plot_loss_curve, plot_upcycled_run
+from tools.testbed.similarity import DEFAULT_TOKENS, expert_similarity, similarity_windows
+from tools.testbed.upcycle import dense_config, function_gap, mlp_input_stats, segment_layout, upcycle
 
 log = logging.getLogger(__name__)
 

@@ -1,14 +1,14 @@
 """Text corpora, the byte-level BPE tokenizer and packed token streams for testbed training.
 
-A corpus is a file or a folder of ``.txt``, ``.jsonl`` or ``.jsonl.xz`` files. JSON lines hold ``{"text", "domain"}``
-(``domain`` defaults to the file's name); a ``.txt`` file is one document whose domain is the file's name.
-Documents are packed into one token stream per domain, each document followed by the end-of-text token.
+A corpus is a file or folder of ``.txt``, ``.jsonl``, ``.jsonl.xz`` or ``.parquet`` files (any data SPEC of the
+package, in fact), read by the package's own reader (`moe_compress.calibration.data.read_documents`). JSON lines
+hold ``{"text", "domain"}`` (``domain`` defaults to the file's name); a ``.txt`` file is one document whose
+domain is the file's name. Documents are packed into one token stream per domain, each document followed by the
+end-of-text token.
 """
 
 from __future__ import annotations
 
-import json
-import lzma
 import random
 from pathlib import Path
 
@@ -17,49 +17,22 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from moe_compress.calibration import data as package_data
 from moe_compress.errors import UserError
 
-# the project's corpus beside a checkout (src/moe_compress/testbed/data.py -> ../shared/data), as in demo.py
-_SHARED_DATA = Path(__file__).resolve().parents[4] / "shared" / "data"
-DEFAULT_TRAIN_DATA = _SHARED_DATA / "train"
-DEFAULT_EVAL_DATA = _SHARED_DATA / "eval"
+# the project's corpus beside the checkout (REPO/tools/testbed/data.py -> REPO/../shared/data)
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+DEFAULT_TRAIN_DATA = SHARED_DATA / "train"
+DEFAULT_EVAL_DATA = SHARED_DATA / "eval"
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
-_SUFFIXES = (".jsonl.xz", ".jsonl", ".txt")
 
 
-def _domain_of(path: Path) -> str:
-    """File name without its corpus suffix: ``wiki.jsonl.xz`` -> ``wiki``."""
-    name = path.name
-    for suffix in _SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
-
-
-def corpus_files(path: Path) -> list[Path]:
-    """The corpus files at ``path`` (the file itself, or the folder's corpus files sorted by name)."""
-    path = Path(path)
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.name.endswith(_SUFFIXES))
-    if not files:
-        raise FileNotFoundError(f"no .txt, .jsonl or .jsonl.xz files at {path}")
-    return files
-
-
-def read_documents(path: Path) -> dict[str, list[str]]:
-    """All non-empty documents under ``path``, grouped by domain (domains sorted by name, documents in file order)."""
-    docs: dict[str, list[str]] = {}
-    for file in corpus_files(path):
-        if file.name.endswith(".txt"):
-            docs.setdefault(_domain_of(file), []).append(file.read_text(encoding="utf-8"))
-            continue
-        opener = lzma.open if file.name.endswith(".xz") else open
-        with opener(file, "rt", encoding="utf-8") as handle:
-            for line in handle:
-                if line.strip():
-                    record = json.loads(line)
-                    docs.setdefault(record.get("domain") or _domain_of(file), []).append(record["text"])
-    return {domain: [d for d in docs[domain] if d.strip()] for domain in sorted(docs)}
+def read_documents(spec: str | Path) -> dict[str, list[str]]:
+    """The non-blank documents of a data SPEC grouped by domain, domains sorted by name, documents in file
+    order (`moe_compress.calibration.data.read_documents`; a missing path or unreadable file is a `UserError`)."""
+    docs = package_data.texts_by_domain(package_data.read_documents(str(spec)))
+    return {domain: docs[domain] for domain in sorted(docs)}
 
 
 def split_held_out(docs: dict[str, list[str]], fraction: float, seed: int

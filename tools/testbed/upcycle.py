@@ -61,7 +61,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from moe_compress.errors import UserError
-from moe_compress.testbed import experts as experts_impl
+from tools.testbed import experts as experts_impl
 
 SCHEMES = ("copy", "segments")
 SCHEME_ARCH = {"copy": "mixtral", "segments": "qwen2_moe"}

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import math
 import random
 
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 from transformers import PreTrainedTokenizerFast
 
 from moe_compress.errors import UserError
-from moe_compress.testbed.balance import RouterTap
+from moe_compress.evaluation.metrics import evaluate_lm
+from tools.testbed.balance import RouterTap
 
 
 def eval_windows(stream: np.ndarray, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
@@ -25,10 +24,16 @@ def eval_windows(stream: np.ndarray, seq_len: int, max_tokens: int | None = None
     return torch.from_numpy(stream[starts[:, None] + np.arange(seq_len + 1)]).long()
 
 
-@torch.no_grad()
 def evaluate_domains(model: nn.Module, tap: RouterTap | None, streams: dict[str, np.ndarray], seq_len: int,
                      batch_size: int, max_tokens: int | None = None) -> dict:
     """Perplexity and expert counts of ``model`` on every held-out domain stream.
+
+    Every token of a stream after the first is predicted once, from the ``seq_len`` tokens before it at most:
+    the windows [W, S + 1] of `eval_windows` go to the package's evaluator
+    (`moe_compress.evaluation.metrics.evaluate_lm`), which scores the S next-token predictions of each window.
+    The last token of a window is an input of no scored prediction (a causal model's predictions at positions
+    < S do not see it), so the perplexity is that of the model run on the S-token inputs; the expert counts are
+    taken over those S tokens too.
 
     Returns:
         ``{"perplexity": {domain: float}, "tokens": {domain: int}, "counts": {domain: [L][E] int}}``, counts being
@@ -36,25 +41,19 @@ def evaluate_domains(model: nn.Module, tap: RouterTap | None, streams: dict[str,
         ``tap``: a dense model).
     """
     device = next(model.parameters()).device
-    model.eval()
-    result = {"perplexity": {}, "tokens": {}, "counts": {}}
+    result: dict[str, dict] = {"perplexity": {}, "tokens": {}, "counts": {}}
     for domain, stream in streams.items():
         windows = eval_windows(stream, seq_len, max_tokens)
         if not len(windows):
             raise UserError(f"held-out text of domain {domain!r} has fewer than seq_len + 1 = {seq_len + 1} tokens: "
                             "give more held-out text (--eval-data) or a smaller --seq-len")
-        nll, n = 0.0, 0
         if tap is not None:
-            tap.start_counting(device)
-        for batch in windows.split(batch_size):
-            batch = batch.to(device)
-            logits = model(input_ids=batch[:, :-1], use_cache=False).logits
-            nll += F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
-            n += batch[:, 1:].numel()
+            tap.start_counting(device, positions=seq_len)
+        metrics = evaluate_lm(model, {domain: windows}, batch_size=batch_size).overall
         if tap is not None:
             result["counts"][domain] = tap.stop_counting().tolist()
-        result["perplexity"][domain] = math.exp(nll / n)
-        result["tokens"][domain] = n
+        result["perplexity"][domain] = metrics.ppl
+        result["tokens"][domain] = metrics.tokens
     return result
 
 

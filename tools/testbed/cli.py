@@ -1,7 +1,7 @@
-"""``moe-compress testbed``: train the project's testbed MoE models and measure their experts.
+"""``python -m tools.testbed``: train the project's testbed MoE models and measure their experts.
 
-Run as ``moe-compress testbed train ...`` (the main CLI mounts ``app``; user mistakes then print one line) or
-``python -m moe_compress.testbed.cli``.
+Run from the repository root as ``python -m tools.testbed train|similarity|sample ...`` (`main`: user mistakes
+print one line and exit 2, as in ``moe-compress``).
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from typing import Optional
 import typer
 
 from moe_compress.errors import UserError
-from moe_compress.testbed.arch import UPCYCLED
-from moe_compress.testbed.data import DEFAULT_EVAL_DATA, DEFAULT_TRAIN_DATA
-from moe_compress.testbed.similarity import DEFAULT_TOKENS
+from moe_compress.recipe import parse_overrides
+from tools.testbed.arch import UPCYCLED
+from tools.testbed.data import DEFAULT_EVAL_DATA, DEFAULT_TRAIN_DATA
+from tools.testbed.similarity import DEFAULT_TOKENS
 
 app = typer.Typer(help="Train the small MoE testbed models.", no_args_is_help=True)
 
@@ -35,20 +36,6 @@ Preset = Enum("Preset", {name.replace("-", "_"): name for name in UPCYCLED}, typ
 Preset.__doc__ = "Upcycled testbed presets (arch.UPCYCLED)."
 
 
-def _parse_overrides(items: list[str]) -> dict:
-    """``KEY=VALUE`` pairs; VALUE is parsed as JSON when it can be (numbers, booleans, null), else kept as text."""
-    overrides = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
-    return overrides
-
-
 @app.command()
 def train(
     arch: Optional[Arch] = typer.Option(None, help="Model architecture (transformers model_type), trained from "
@@ -56,7 +43,8 @@ def train(
     preset: Optional[Preset] = typer.Option(None, help="Sparse-upcycled testbed: a dense model trained first, "
                                             "then the MoE built from it (docs/TESTBEDS.md)."),
     out: Path = typer.Option(..., help="Output folder for the checkpoint, tokenizer and training.json."),
-    data: Path = typer.Option(DEFAULT_TRAIN_DATA, help="Training corpus: a file or folder of .txt/.jsonl/.jsonl.xz."),
+    data: Path = typer.Option(DEFAULT_TRAIN_DATA, help="Training corpus: a file or folder of "
+                              ".txt/.jsonl/.jsonl.xz/.parquet."),
     eval_data: Optional[Path] = typer.Option(
         DEFAULT_EVAL_DATA, help="Held-out corpus (domain = file name); 'none' holds out 2% of --data instead."),
     minutes: float = typer.Option(6.0, help="Training time budget (the step count is fixed after warm-up); an "
@@ -69,7 +57,8 @@ def train(
     lr: float = typer.Option(3e-3, help="Peak learning rate."),
     warmup_steps: int = typer.Option(200, help="Linear warm-up steps."),
     vocab_size: int = typer.Option(8192, help="BPE vocabulary size (2 special tokens included)."),
-    set_: list[str] = typer.Option([], "--set", help="Model config override KEY=VALUE (repeatable)."),
+    set_: list[str] = typer.Option([], "--set", help="Model config override KEY=VALUE (repeatable; VALUE is YAML, "
+                                   "as in moe-compress compress --set)."),
     dense_share: Optional[float] = typer.Option(None, help="Upcycled presets: share of the budget (--minutes, or "
                                                 "steps) for the dense phase, 0 < x < 1 (preset: 0.5)."),
     dense_steps: Optional[int] = typer.Option(None, help="Upcycled presets with --steps: the dense phase's steps "
@@ -89,8 +78,8 @@ def train(
 ) -> None:
     """Train a testbed MoE (from scratch, or sparse-upcycled from a dense model) and save a standard HF
     checkpoint + tokenizer + training.json."""
-    from moe_compress.testbed.train import TrainSettings, resolve_recipe
-    from moe_compress.testbed.train import train as run_training
+    from tools.testbed.train import TrainSettings, resolve_recipe
+    from tools.testbed.train import train as run_training
 
     if (arch is None) == (preset is None):
         raise UserError("give exactly one of --arch (a model trained from scratch) and --preset (an upcycled "
@@ -100,7 +89,7 @@ def train(
         preset=None if preset is None else preset.value, out=out, data=data,
         eval_data=None if str(eval_data).lower() == "none" else eval_data,
         minutes=minutes, steps=steps, seed=seed, batch_size=batch_size, seq_len=seq_len, lr=lr,
-        warmup_steps=warmup_steps, vocab_size=vocab_size, config_overrides=_parse_overrides(set_),
+        warmup_steps=warmup_steps, vocab_size=vocab_size, config_overrides=dict(parse_overrides(set_)),
         dense_share=dense_share, dense_steps=dense_steps, upcycle_noise=upcycle_noise,
         upcycle_reinit=upcycle_reinit, upcycle_shuffle=upcycle_shuffle, similarity_tokens=similarity_tokens,
         eval_max_tokens=eval_max_tokens, router_lr_scale=router_lr_scale,
@@ -108,7 +97,7 @@ def train(
     resolve_recipe(settings)  # option mistakes: one line, before the logging and the data
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     options = sys.argv[sys.argv.index("train") + 1:] if "train" in sys.argv else []
-    record = run_training(settings, command=shlex.join(["moe-compress", "testbed", "train", *options]))
+    record = run_training(settings, command=shlex.join(["python", "-m", "tools.testbed", "train", *options]))
     typer.echo(json.dumps({"out": str(out), "steps": record["steps"], "tokens_seen": record["tokens_seen"],
                            "perplexity": record["eval"]["perplexity"]}, indent=1))
 
@@ -116,7 +105,8 @@ def train(
 @app.command()
 def similarity(
     model: str = typer.Argument(..., help="Checkpoint folder (or builtin:NAME) of an MoE model."),
-    data: Path = typer.Option(DEFAULT_EVAL_DATA, help="Held-out text: a file or folder of .txt/.jsonl/.jsonl.xz."),
+    data: Path = typer.Option(DEFAULT_EVAL_DATA, help="Held-out text: a file or folder of "
+                              ".txt/.jsonl/.jsonl.xz/.parquet."),
     tokens: int = typer.Option(DEFAULT_TOKENS, min=1, help="Held-out tokens, split evenly over the domains."),
     seq_len: int = typer.Option(512, min=1, help="Tokens per window."),
     device: str = typer.Option("cpu", help="Device to run on (cpu, cuda, ...)."),
@@ -127,8 +117,8 @@ def similarity(
 
     from moe_compress.models.loading import load_model, load_tokenizer, resolve_model
     from moe_compress.models.registry import get_adapter
-    from moe_compress.testbed.data import encode_streams, read_documents
-    from moe_compress.testbed.similarity import expert_similarity, similarity_windows, summary_lines
+    from tools.testbed.data import encode_streams, read_documents
+    from tools.testbed.similarity import expert_similarity, similarity_windows, summary_lines
 
     resolve_model(model)  # the model argument first: a missing folder is named before the data is looked at
     if not data.exists():
@@ -140,10 +130,7 @@ def similarity(
     tokenizer = load_tokenizer(model)
     net = load_model(model, dtype=torch.float32, device=str(device_))
     get_adapter(net)  # a dense or unsupported model: one line
-    try:
-        docs = read_documents(data)
-    except FileNotFoundError as e:
-        raise UserError(str(e)) from e
+    docs = read_documents(data)
     windows = similarity_windows(encode_streams(tokenizer, docs), tokens, seq_len)
     if not windows:
         raise UserError(f"no held-out tokens in {data}")
@@ -168,7 +155,7 @@ def sample(
     from transformers import AutoTokenizer
 
     from moe_compress.models.loading import load_model, resolve_model
-    from moe_compress.testbed.sample import sample_documents, write_jsonl
+    from tools.testbed.sample import sample_documents, write_jsonl
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
     records = sample_documents(load_model(model), tokenizer, docs_per_prompt, max_new_tokens, seed)
@@ -181,5 +168,12 @@ def _main() -> None:
     """Testbed commands."""
 
 
+def main() -> None:
+    """Entry point of ``python -m tools.testbed``: the commands above, errors mapped as by ``moe-compress``."""
+    from moe_compress.cli import run_app
+
+    run_app(app)
+
+
 if __name__ == "__main__":
-    app()
+    main()

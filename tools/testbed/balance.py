@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moe_compress.testbed.arch import BalanceSettings, moe_blocks
+from tools.testbed.arch import BalanceSettings, moe_blocks
 
 
 class RouterTap:
@@ -40,6 +40,7 @@ class RouterTap:
         self.logits: list[torch.Tensor | None] = [None] * len(self.blocks)
         self.indices: list[torch.Tensor | None] = [None] * len(self.blocks)
         self.counts: torch.Tensor | None = None  # [L, E] int64 while counting
+        self.count_positions: int | None = None
         self._handles = [block.gate.register_forward_hook(self._hook(i)) for i, block in enumerate(self.blocks)]
 
     def _hook(self, layer: int):
@@ -48,16 +49,23 @@ class RouterTap:
             self.logits[layer] = logits
             self.indices[layer] = indices
             if self.counts is not None:
+                if self.count_positions is not None:  # rows of count_positions + 1 tokens: count the first ones
+                    indices = indices.reshape(-1, self.count_positions + 1, indices.shape[-1])[:, :self.count_positions]
                 self.counts[layer] += torch.bincount(indices.reshape(-1), minlength=self.num_experts)
         return hook
 
-    def start_counting(self, device: torch.device) -> None:
-        """Reset and start accumulating per-layer expert counts over the following forward passes."""
+    def start_counting(self, device: torch.device, positions: int | None = None) -> None:
+        """Reset and start accumulating per-layer expert counts over the following forward passes.
+
+        ``positions``: the passes run rows of ``positions + 1`` tokens and only the first ``positions`` tokens of
+        each row are counted (the held-out evaluation feeds windows [W, S + 1] and predicts from the first S).
+        """
         self.counts = torch.zeros(len(self.blocks), self.num_experts, dtype=torch.long, device=device)
+        self.count_positions = positions
 
     def stop_counting(self) -> torch.Tensor:
         """Stop counting; return the counts [L, E] (tokens routed to each expert, summed over top-k slots)."""
-        counts, self.counts = self.counts, None
+        counts, self.counts, self.count_positions = self.counts, None, None
         return counts.cpu()
 
     def remove(self) -> None:

@@ -12,7 +12,7 @@ a trained testbed is a standard checkpoint that transformers (and vLLM) load lik
 - ``qwen2_moe``: 16 experts, top-4, plus a gated shared expert.
 - ``olmoe``: 16 experts, top-4, softmax without renormalisation.
 
-Sparse-upcycled presets (``UPCYCLED``, trained by ``moe_compress.testbed.upcycle`` in two phases: a dense model
+Sparse-upcycled presets (``UPCYCLED``, trained by ``tools.testbed.upcycle`` in two phases: a dense model
 first, then the MoE built from it):
 
 - ``mixtral-upcycled``: the ``mixtral`` preset (the ``mixtral-8e`` shape), every expert a copy of the dense
@@ -65,7 +65,7 @@ PRESETS: dict[str, dict] = {
 
 @dataclass(frozen=True)
 class BalanceSettings:
-    """How routing is kept balanced during training (see ``moe_compress.testbed.balance``).
+    """How routing is kept balanced during training (see ``tools.testbed.balance``).
 
     Attributes:
         lb_start: coefficient of the load-balancing loss at step 0 (normalised so a balanced layer scores 1).
