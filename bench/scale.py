@@ -28,7 +28,18 @@ Whole-model time = MoE layers x (statistics + planning) for the method (statisti
 merge statistics for merging). Peak GPU memory is torch's max_memory_allocated during each step (the
 layer's weights and the token batches included). Prints a markdown table and writes JSON with ``--out``.
 
-Usage:  PYTHONPATH=src python3 bench/scale.py --device cuda --shapes full --out scale.json
+``--table`` (issue 22) runs only the statistics and Sub-MoE rows per shape: plain forward, routed statistics,
+merge statistics on the subsample bounded by ``--similarity-budget`` (its sampling error against a
+``--similarity-tokens`` reference subsample), Sub-MoE full rank (+ the merge statistics' overhead beyond the
+forward), rank 0.5 exact and the `FAST` randomized variants (their per-group residual over the exact optimum's),
+whole-model minutes, the targets met or not, and with ``--profile DIR`` torch-profiler summaries of the merge
+statistics, the best fast variant and the slowest non-exact plan.
+
+Usage:  PYTHONPATH=src python3 bench/scale.py --device cuda --shapes full --table --similarity-tokens 32768 \
+            --similarity-budget 0.25 --profile OUT/profiles --out OUT/table.json
+        .venv/bin/python bench/scale.py --device cpu --shapes small --table --similarity-tokens 512 \
+            --similarity-budget 0.25                                                  (CPU, < 1 minute)
+        PYTHONPATH=src python3 bench/scale.py --device cuda --shapes full --out scale.json
         .venv/bin/python bench/scale.py --device cpu --shapes tiny                (CPU, < 1 minute)
 Needs torch, transformers and pydantic (the methods' parameters) beside this package; no typer/rich.
 """
@@ -445,10 +456,288 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+
+# -- issue 22: one table per shape (--table) ---------------------------------------------------------------
+
+SMALL = {  # CPU check of --table: large enough that the randomized route is not exact (r + p < Gram size)
+    "mixtral": dict(arch="mixtral", hidden=128, inter=448, experts=8, top_k=2, layers=32),
+    "qwen3": dict(arch="qwen3_moe", hidden=128, inter=64, experts=16, top_k=4, layers=48),
+    "deepseek_v3": dict(arch="deepseek_v3", hidden=160, inter=64, experts=32, top_k=4, layers=58,
+                        n_group=4, topk_group=2, shared=1),
+}
+TOKENS["small"] = dict(n_seqs=8, seq_len=128, batch_size=4)
+# fast truncated Sub-MoE variants of --table: label -> (power_iters q, oversample p as a fraction of r, precision)
+FAST = {
+    "q=4 p=r/8 tf32": (4, 1 / 8, "tf32"),
+    "q=4 p=r/8 bf16": (4, 1 / 8, "bfloat16"),
+    "q=3 p=r/16 bf16": (3, 1 / 16, "bfloat16"),
+    "q=6 p=r/32 bf16": (6, 1 / 32, "bfloat16"),
+}
+TARGETS = {"merge_ratio": 1.3, "fast_s": 1.0, "fast_error_ratio": 1.02, "full_rank_s": 0.3}
+
+
+def _profile(fn, device: str, path: str, title: str, rows: int = 30) -> None:
+    """One call of fn under torch.profiler; the key_averages table (by device time, else CPU time) -> path."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=acts) as prof:
+        fn()
+        sync(device)
+    key = "cuda_time_total" if device.startswith("cuda") else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=rows)
+    with open(path, "w") as f:
+        f.write(f"{title}\n\n{table}\n")
+
+
+def _similarity_error(got: dict, ref: dict, n_sub: int, n_ref: int) -> dict:
+    """Budgeted subsample vs the reference subsample: the largest |difference| of output_similarity (off the
+    diagonal), the largest reported standard errors, and the share of pairs within 2 combined standard errors."""
+    a, b = got["output_similarity"], ref["output_similarity"]
+    sa, sb = got["output_similarity_stderr"], ref["output_similarity_stderr"]
+    off = ~torch.eye(a.shape[0], dtype=torch.bool, device=a.device)
+    d = (a - b).abs()[off]
+    comb = (sa.square() + sb.square()).sqrt()[off]
+    m, mr = got["expert_output_mean"], ref["expert_output_mean"]
+    return {"tokens": n_sub, "ref_tokens": n_ref, "max_abs_diff": float(d.max()),
+            "max_stderr": float(sa[off].max()), "ref_max_stderr": float(sb[off].max()),
+            "within_2se": float((d <= 2 * comb).double().mean()),
+            "mean_max_abs_diff_rel": float((m - mr).abs().max() / mr.abs().max().clamp(min=1e-30)),
+            "mean_max_stderr_rel": float(got["expert_output_mean_stderr"].max() / mr.abs().max().clamp(min=1e-30))}
+
+
+def table_shape(name: str, shape: dict, tok: dict, args, device: str, dtype: torch.dtype) -> dict:
+    """The issue-22 rows for one shape: plain forward, routed statistics, merge statistics (budgeted subsample,
+    with its sampling error against a --similarity-tokens reference), Sub-MoE full rank, rank 0.5 exact and the
+    fast variants (error ratio vs exact per group), whole-model extrapolations; profiles of the slowest steps."""
+    import math
+    import os
+
+    from moe_compress.calibration.observers import ObservedExperts, make_observers
+    from moe_compress.methods.base import LayerContext, get_method
+    from moe_compress.methods.merging.signals import subsample_tokens
+    from moe_compress.models.registry import ARCHS, Adapter
+
+    cfg, block = build_block(shape, device, dtype, args.seed)
+    view = Adapter(ARCHS[shape["arch"]], cfg).layer(None, 0, block)
+    gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+    n_batches = max(1, tok["n_seqs"] // tok["batch_size"])
+    batches = [torch.randn(tok["batch_size"], tok["seq_len"], shape["hidden"], generator=gen, device=device,
+                           dtype=dtype) for _ in range(n_batches)]
+    tokens = n_batches * tok["batch_size"] * tok["seq_len"]
+    n_new, layers = shape["experts"] // 2, shape["layers"]
+    out = {"shape": name, **shape, "tokens": tokens, "dtype": str(dtype).replace("torch.", ""), "n_new": n_new,
+           "rows": {}, "profiles": []}
+    merge_names = sorted((set(get_method("submoe").needs) | set(get_method("msmoe").needs)
+                          | set(get_method("hcsmoe").needs)) - {"frequency", "soft_count", "ean", "reap",
+                                                                  "max_activation"})
+    out["merge_statistics"] = merge_names
+
+    def run_pass(obs=None, backend=None):
+        if backend is not None:
+            cfg._experts_implementation = backend
+        for x in batches:
+            if obs is None:
+                block(x)
+                continue
+            obs.install()
+            try:
+                block(x)
+            finally:
+                obs.remove()
+
+    def timed(fn, repeats):
+        best = None
+        for _ in range(repeats):
+            with Step(device) as s:
+                res = fn()
+            if best is None or s.seconds < best[0].seconds:
+                best = (s, res)
+        return best
+
+    def merge_obs(**opts):
+        return ObservedExperts(view, make_observers(view, merge_names, total_tokens=tokens, **opts))
+
+    budget_opts = dict(similarity_tokens=args.similarity_tokens, similarity_budget=args.similarity_budget)
+    rows = out["rows"]
+    with torch.inference_mode():
+        for b in PLAIN_BACKENDS:
+            run_pass(backend=b)  # warm-up
+        run_pass(ObservedExperts(view))
+        fwd = {b: timed(lambda b=b: run_pass(backend=b), args.repeats)[0] for b in PLAIN_BACKENDS}
+        fast_b = min(fwd, key=lambda b: fwd[b].seconds)
+        cfg._experts_implementation = fast_b
+        rows["plain forward"] = {"seconds": fwd[fast_b].seconds, "peak_gb": fwd[fast_b].peak_gb,
+                                 "note": "; ".join(f"{b} {fwd[b].seconds:.3f} s" for b in PLAIN_BACKENDS)}
+
+        def routed():
+            o = ObservedExperts(view)
+            run_pass(o)
+            return o
+        s, _ = timed(routed, args.repeats)
+        rows["routed statistics"] = {"seconds": s.seconds, "peak_gb": s.peak_gb}
+
+        def merged(**opts):
+            o = merge_obs(**opts)
+            run_pass(o)
+            return o
+        s, obs = timed(lambda: merged(**budget_opts), args.repeats)
+        n_sub = obs.extra[[type(e).__name__ for e in obs.extra].index("ExpertOutputs")].select.size
+        stats = obs.results()
+        rows["merge statistics"] = {"seconds": s.seconds, "peak_gb": s.peak_gb,
+                                    "note": f"S = {n_sub} tokens (budget {args.similarity_budget})"}
+        if args.similarity_budget is not None and n_sub < min(args.similarity_tokens, tokens):
+            s_ref, obs_ref = timed(lambda: merged(similarity_tokens=args.similarity_tokens), 1)
+            ref = obs_ref.results()
+            err = _similarity_error(stats, ref, n_sub, min(args.similarity_tokens, tokens))
+            rows["merge statistics, reference S"] = {"seconds": s_ref.seconds, "peak_gb": s_ref.peak_gb,
+                                                     "note": f"S = {err['ref_tokens']} tokens"}
+            out["similarity_error"] = err
+            del ref, obs_ref
+        del obs
+    fwd_s = rows["plain forward"]["seconds"]
+    merge_over = rows["merge statistics"]["seconds"] - fwd_s
+
+    flat = torch.cat([b.reshape(-1, shape["hidden"]) for b in batches])
+    inputs = subsample_tokens(flat, 32768).clone()
+    del flat
+    if not args.profile:
+        batches.clear()
+
+    r = math.ceil(0.5 * min(shape["hidden"], shape["inter"]))
+    plans = {"submoe full rank": {}, "submoe r=0.5 exact": {"rank_ratio": 0.5}}
+    for label, (q, frac, prec) in FAST.items():
+        plans[f"submoe r=0.5 fast {label}"] = {"rank_ratio": 0.5, "svd": "randomized", "gram_dtype": "float32",
+                                               "power_iters": q, "oversample": max(1, math.ceil(frac * r)),
+                                               "power_precision": prec}
+    exact_info = None
+    plan_calls = {}
+    for label, params in plans.items():
+        method = get_method("submoe", **params)
+        repeats = args.plan_repeats if not (label.endswith("exact") and shape["experts"] > 64) else 1
+
+        def call(method=method):
+            ctx = LayerContext(view, n_new, dict(stats), inputs, torch.Generator().manual_seed(args.seed))
+            with torch.no_grad():
+                return method.plan(ctx)
+        plan_calls[label] = call
+        s, plan = timed(call, repeats)
+        info = plan.info
+        rec = {"seconds": s.seconds, "peak_gb": s.peak_gb, "groups": [len(g) for g in info.get("groups", [])]}
+        if label == "submoe full rank":
+            rec["with_statistics_overhead_s"] = s.seconds + merge_over
+        if "svd_error" in info:
+            rec["svd_error"] = info["svd_error"]
+            rec["ranks"] = info["ranks"]
+        if label.endswith("exact"):
+            exact_info = info
+        elif "svd_residual_groups" in info and exact_info is not None:
+            if info.get("groups") == exact_info.get("groups"):
+                ratios = [f / e for p in ("gate", "up", "down")
+                          for f, e in zip(info["svd_residual_groups"][p], exact_info["svd_residual_groups"][p])
+                          if f is not None and e]
+                rec["error_ratio_vs_exact"] = max(ratios) if ratios else 1.0
+                rec["error_ratio_by_projection"] = {
+                    p: max([f / e for f, e in zip(info["svd_residual_groups"][p],
+                                                  exact_info["svd_residual_groups"][p]) if f is not None and e],
+                           default=1.0) for p in ("gate", "up", "down")}
+            else:
+                rec["error_ratio_vs_exact"] = None
+                rec["note"] = "groups differ from the exact run's: no per-group comparison"
+        rows[label] = rec
+        del plan
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    for rec in rows.values():
+        rec["model_min"] = layers * rec["seconds"] / 60
+    # the best fast variant: the fastest one meeting the error target, else the most accurate
+    fast = {k: v for k, v in rows.items() if "fast" in k and v.get("error_ratio_vs_exact") is not None}
+    ok = {k: v for k, v in fast.items() if v["error_ratio_vs_exact"] <= TARGETS["fast_error_ratio"]}
+    best = (min(ok, key=lambda k: ok[k]["seconds"]) if ok else
+            min(fast, key=lambda k: fast[k]["error_ratio_vs_exact"]) if fast else None)
+    fr = rows["submoe full rank"]
+    out["verdict"] = {
+        "merge_ratio": rows["merge statistics"]["seconds"] / fwd_s,
+        "merge_ratio_ok": rows["merge statistics"]["seconds"] / fwd_s <= TARGETS["merge_ratio"],
+        "full_rank_with_overhead_s": fr["with_statistics_overhead_s"],
+        "full_rank_ok": fr["with_statistics_overhead_s"] <= TARGETS["full_rank_s"],
+        "best_fast": best,
+        "best_fast_s": rows[best]["seconds"] if best else None,
+        "best_fast_error_ratio": rows[best]["error_ratio_vs_exact"] if best else None,
+        "fast_ok": bool(best and best in ok and rows[best]["seconds"] <= TARGETS["fast_s"]),
+        "model_min_merge_statistics_plus_best_fast": layers * (rows["merge statistics"]["seconds"]
+                                                               + (rows[best]["seconds"] if best else 0)) / 60,
+    }
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
+        targets = {"merge statistics": lambda: merged(**budget_opts)}
+        if best:
+            targets[best] = plan_calls[best]
+        slow = max((k for k in rows if k in plan_calls and "exact" not in k), key=lambda k: rows[k]["seconds"])
+        targets.setdefault(slow, plan_calls[slow])
+        for label, fn in targets.items():
+            path = os.path.join(args.profile, f"profile-{name}-{label.replace(' ', '_').replace('/', '')}.txt")
+            with torch.inference_mode():
+                _profile(fn, device, path, f"{name} {label}: {rows[label]['seconds']:.3f} s unprofiled")
+            out["profiles"].append(path)
+    batches.clear()
+    inputs = block = view = None
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return out
+
+
+def table_markdown(results: list[dict]) -> str:
+    lines = []
+    for r in results:
+        fwd = r["rows"]["plain forward"]["seconds"]
+        lines.append(f"\n### {r['shape']}: H {r['hidden']}, I {r['inter']}, E {r['experts']}, top-{r['top_k']}, "
+                     f"{r['layers']} MoE layers, {r['tokens']} tokens, {r['dtype']}, -> {r['n_new']} experts\n")
+        lines.append("| step | s / layer | vs plain forward | whole model (min) | peak GiB | note |")
+        lines.append("|---|---:|---:|---:|---:|---|")
+        for label, v in r["rows"].items():
+            note = [v["note"]] if v.get("note") else []
+            if "with_statistics_overhead_s" in v:
+                note.append(f"+ merge-statistics overhead beyond the forward = {v['with_statistics_overhead_s']:.3f} s")
+            if v.get("error_ratio_vs_exact") is not None:
+                bp = v["error_ratio_by_projection"]
+                note.append(f"error vs exact optimum (worst group) {v['error_ratio_vs_exact']:.4f} "
+                            f"(gate {bp['gate']:.4f}, up {bp['up']:.4f}, down {bp['down']:.4f})")
+            if isinstance(v.get("svd_error"), dict) and "fast" in label:
+                ex = [e["excess_ratio"] for e in v["svd_error"].values() if isinstance(e, dict)]
+                if ex:
+                    note.append(f"a-posteriori bound <= {max(ex):.3f}")
+            if v.get("groups"):
+                note.append(f"groups {v['groups']}")
+            ratio = f"{v['seconds'] / fwd:.2f}x" if "statistics" in label or label == "plain forward" else ""
+            peak = "-" if v.get("peak_gb") is None else f"{v['peak_gb']:.1f}"
+            lines.append(f"| {label} | {v['seconds']:.3f} | {ratio} | {v['model_min']:.2f} | {peak} | "
+                         f"{'; '.join(note)} |")
+        e = r.get("similarity_error")
+        if e:
+            lines.append(f"\nSampling error of output_similarity at S = {e['tokens']} vs S = {e['ref_tokens']}: "
+                         f"max |diff| {e['max_abs_diff']:.2e}, reported max standard error {e['max_stderr']:.2e} "
+                         f"(reference {e['ref_max_stderr']:.2e}), {100 * e['within_2se']:.1f}% of pairs within 2 "
+                         f"combined standard errors; expert_output_mean max |diff| {e['mean_max_abs_diff_rel']:.2f} "
+                         f"of its largest entry (standard error {e['mean_max_stderr_rel']:.2f})")
+        v = r["verdict"]
+        lines.append(f"\nTargets: merge statistics {v['merge_ratio']:.2f}x forward (<= {TARGETS['merge_ratio']}: "
+                     f"{'met' if v['merge_ratio_ok'] else 'NOT met'}); Sub-MoE full rank + statistics overhead "
+                     f"{v['full_rank_with_overhead_s']:.3f} s (<= {TARGETS['full_rank_s']}: "
+                     f"{'met' if v['full_rank_ok'] else 'NOT met'}); best fast r=0.5: {v['best_fast']} "
+                     + (f"{v['best_fast_s']:.3f} s, error ratio {v['best_fast_error_ratio']:.4f} "
+                        if v["best_fast"] else "")
+                     + f"(<= {TARGETS['fast_s']} s and <= {TARGETS['fast_error_ratio']}: "
+                     f"{'met' if v['fast_ok'] else 'NOT met'}); whole model, merge statistics + best fast: "
+                     f"{v['model_min_merge_statistics_plus_best_fast']:.2f} min")
+        for p in r["profiles"]:
+            lines.append(f"profile: {p}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", help="cpu | cuda[:N]")
-    ap.add_argument("--shapes", default="tiny", choices=["full", "tiny"])
+    ap.add_argument("--shapes", default="tiny", choices=["full", "tiny", "small"])
     ap.add_argument("--only", default="", help="comma-separated subset of mixtral,qwen3,deepseek_v3")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--repeats", type=int, default=2, help="passes over the tokens per step (min is kept)")
@@ -461,13 +750,18 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--methods", default="", help="comma-separated subset of the method rows (labels) to plan")
     ap.add_argument("--pair-variants", default="", help="comma-separated subset of the --pair-merge variants")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--table", action="store_true",
+                    help="issue 22: only the statistics / Sub-MoE table per shape (fast variants, targets, errors)")
+    ap.add_argument("--similarity-budget", type=float, default=None,
+                    help="cap the similarity subsample at budget x T x k / E tokens (ExpertOutputs option)")
+    ap.add_argument("--profile", default=None, help="--table: write profiler summaries of the slowest steps here")
     args = ap.parse_args(argv)
 
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    shapes = FULL if args.shapes == "full" else TINY
+    shapes = {"full": FULL, "tiny": TINY, "small": SMALL}[args.shapes]
     names = [n for n in shapes if not args.only or n in args.only.split(",")]
     header = {"device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
               "torch": torch.__version__, "shapes": args.shapes, **TOKENS[args.shapes]}
@@ -478,6 +772,18 @@ def main(argv=None) -> list[dict]:
         pass
     print(json.dumps(header), flush=True)
     results = []
+    if args.table:
+        for n in names:
+            t0 = time.perf_counter()
+            r = table_shape(n, shapes[n], TOKENS[args.shapes], args, device, dtype)
+            r["bench_wall_s"] = round(time.perf_counter() - t0, 1)
+            results.append(r)
+            print(json.dumps(r, default=str), flush=True)
+        print(table_markdown(results))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"header": header, "results": results}, f, indent=1, default=str)
+        return results
     for n in names:
         t0 = time.perf_counter()
         r = bench_shape(n, shapes[n], TOKENS[args.shapes], args, device, dtype)

@@ -41,6 +41,8 @@ class MergeParams(Params):
     align: bool = False                      # permutation-align members to the group's reference first
     weighting: Weighting = "frequency"       # merge weights: frequency | uniform
     max_tokens: int = Field(32768, ge=16)    # calibration tokens used (evenly subsampled)
+    # bound on the output-similarity pass: at most budget x T x k / E of its max_tokens (similarity.py); None: none
+    similarity_budget: float | None = Field(None, gt=0.0)
     n_init: int = Field(8, ge=1)             # k-means restarts
 
 
@@ -82,8 +84,12 @@ class MergeMethod(Method):
             self.needs = frozenset(self.needs | {stat})
 
     def observer_options(self) -> dict:
-        """The similarity observer runs every expert on an even subsample of ``max_tokens`` tokens."""
-        return {"similarity_tokens": self.params.max_tokens}
+        """The similarity observer runs every expert on an even subsample of ``max_tokens`` tokens (fewer with
+        ``similarity_budget``: see calibration/similarity.py)."""
+        out: dict = {"similarity_tokens": self.params.max_tokens}
+        if self.params.similarity_budget is not None:
+            out["similarity_budget"] = self.params.similarity_budget
+        return out
 
     # -- what subclasses define ---------------------------------------------------------------------------
     def group(self, ctx: LayerContext, freq: torch.Tensor, x: torch.Tensor | None) -> tuple[list[list[int]], dict]:

@@ -49,8 +49,9 @@ densely (same size), so truncation changes the weights, not the checkpoint size.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Literal, Sequence, cast, overload
+from typing import Iterator, Literal, Sequence, cast, overload
 
 import torch
 
@@ -58,6 +59,7 @@ from moe_compress.models.layer import Activation, ExpertWeights
 
 Weighting = Literal["frequency", "uniform", "measured"]  # measured: oracle.measured_weights (merge_plan)
 SvdMode = Literal["exact", "randomized"]
+PowerPrecision = Literal["gram", "tf32", "bfloat16"]
 WHITEN_DAMP = 1e-4  # C + damp * tr(C)/d * I: keeps the second moment positive definite
 AVERAGE_CHUNK_ELEMENTS = 1 << 28  # experts' elements converted to float32 at once in `average` (1 GiB)
 
@@ -141,7 +143,8 @@ def subspace_project(members: list[torch.Tensor], merged: torch.Tensor, rank: in
                      moments: Sequence[torch.Tensor | None] | None = None,
                      gram_dtype: torch.dtype = torch.float64, *, svd: SvdMode = "exact",
                      oversample: int = 256, power_iters: int = 2, seed: int = 0,
-                     errors: list[dict | None] | None = None) -> torch.Tensor:
+                     errors: list[dict | None] | None = None, power_precision: PowerPrecision = "gram",
+                     exact_tf32: bool = False) -> torch.Tensor:
     """P_r^(g) M_g for every group g: the projection of the merged matrix on the top-``rank`` left singular
     vectors of the group's whitened concatenation B_g = [W_1 S | ... | W_n S].
 
@@ -162,6 +165,13 @@ def subspace_project(members: list[torch.Tensor], merged: torch.Tensor, rank: in
         oversample, power_iters, seed: the randomized route's p, q and the seed of its Gaussian test matrix.
         errors: if a list is given, it is filled with one dict per group (randomized route only, else None):
             the a-posteriori error measures of `_randomized_top_eig`.
+        power_precision: the randomized route's power-iteration products G Q: ``"gram"`` (in ``gram_dtype``),
+            ``"tf32"`` or ``"bfloat16"`` (they only steer the subspace: the final orthonormalisation,
+            Rayleigh-Ritz, projection and error measures stay in ``gram_dtype``).
+        exact_tf32: the members' entries are bfloat16 values (so exact in TF32's 10-bit mantissa) and there is
+            no whitening: the float32 Grams are formed with TF32 tensor-core products, which round nothing on
+            the inputs and accumulate in fp32 (equal to the fp32 product up to summation order). Ignored for
+            other ``gram_dtype``.
     Returns:
         [k, out, in] float32.
     """
@@ -192,8 +202,10 @@ def subspace_project(members: list[torch.Tensor], merged: torch.Tensor, rank: in
             rnd = None
             if svd == "randomized":
                 gen = torch.Generator(device=device).manual_seed(seed + 7919 * part[0])  # per batch, deterministic
-                rnd = dict(oversample=oversample, power_iters=power_iters, generator=gen)
-            proj, err = _project_batch(w, m, rank, c, out_side, rnd)
+                rnd = dict(oversample=oversample, power_iters=power_iters, generator=gen,
+                           power_precision=power_precision)
+            tf32_gram = exact_tf32 and not white and gram_dtype == torch.float32
+            proj, err = _project_batch(w, m, rank, c, out_side, rnd, tf32_gram)
             result[part] = proj.float()
             if errors is not None and err is not None:
                 for j, g in enumerate(part):
@@ -202,18 +214,35 @@ def subspace_project(members: list[torch.Tensor], merged: torch.Tensor, rank: in
     return result
 
 
+@contextlib.contextmanager
+def _tf32(enabled: bool = True) -> Iterator[None]:
+    """float32 matrix products on TF32 tensor cores inside the block (where the device has them)."""
+    if not enabled:
+        yield
+        return
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def _project_batch(w: torch.Tensor, m: torch.Tensor, rank: int, c: torch.Tensor | None,
-                   out_side: bool, rnd: dict | None = None) -> tuple[torch.Tensor, dict | None]:
+                   out_side: bool, rnd: dict | None = None,
+                   tf32_gram: bool = False) -> tuple[torch.Tensor, dict | None]:
     """w [b, n, out, in] members, m [b, out, in] merged, c [b, in, in] damped moments or None -> (U_r U_r^T m,
     per-matrix error measures of the randomized route or None). ``rnd``: None (exact eigh) or the randomized
-    route's {oversample, power_iters, generator}."""
+    route's {oversample, power_iters, generator, power_precision}. ``tf32_gram``: form the Gram with TF32
+    products (only when the entries are exact in TF32, see `subspace_project`)."""
     b, n, out_dim, in_dim = w.shape
     err = None
     if out_side:
         # G = sum_i W_i C W_i^T [b, out, out]: one bmm contracting over (member, in)
         wc = w if c is None else w @ c[:, None]
-        gram = torch.bmm(wc.permute(0, 2, 1, 3).reshape(b, out_dim, n * in_dim),
-                         w.permute(0, 2, 1, 3).reshape(b, out_dim, n * in_dim).transpose(1, 2))
+        with _tf32(tf32_gram):
+            gram = torch.bmm(wc.permute(0, 2, 1, 3).reshape(b, out_dim, n * in_dim),
+                             w.permute(0, 2, 1, 3).reshape(b, out_dim, n * in_dim).transpose(1, 2))
         del wc
         if rnd is None:
             lam, vecs = torch.linalg.eigh(gram)              # ascending eigenvalues
@@ -229,7 +258,8 @@ def _project_batch(w: torch.Tensor, m: torch.Tensor, rank: int, c: torch.Tensor 
         if c is not None:
             w = w @ torch.linalg.cholesky(c)[:, None]        # W_i S
         bmat = w.permute(0, 2, 1, 3).reshape(b, out_dim, n * in_dim)  # B = [W_1 S | ... | W_n S]
-        gram = bmat.transpose(1, 2) @ bmat
+        with _tf32(tf32_gram and c is None):
+            gram = bmat.transpose(1, 2) @ bmat
         if rnd is None:
             lam, v = torch.linalg.eigh(gram)
             err = _exact_error(gram, lam, rank)
@@ -260,12 +290,13 @@ def _residual_rel(trace: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return ((trace - kept).clamp(min=0) / trace.clamp(min=torch.finfo(trace.dtype).tiny)).sqrt()
 
 
-def _orth(y: torch.Tensor) -> torch.Tensor:
+def _orth(y: torch.Tensor, rounds: int = 2) -> torch.Tensor:
     """Orthonormal basis of the columns of a batch y [b, d, l]: CholeskyQR2 (two rounds of Y^T Y = R^T R,
     Q = Y R^-1: matmuls and a triangular solve, much faster than Householder QR on the GPU), falling back to
-    Householder QR (`torch.linalg.qr`) where a Cholesky factorisation breaks down (ill-conditioned Y)."""
+    Householder QR (`torch.linalg.qr`) where a Cholesky factorisation breaks down (ill-conditioned Y).
+    ``rounds=1``: CholeskyQR (orthonormal to about cond(Y)^2 eps: enough for a basis that only steers)."""
     q = y
-    for _ in range(2):
+    for _ in range(rounds):
         r, info = torch.linalg.cholesky_ex(q.transpose(1, 2) @ q, upper=True)
         if bool((info != 0).any()):
             return torch.linalg.qr(y)[0]
@@ -278,14 +309,28 @@ def _orth(y: torch.Tensor) -> torch.Tensor:
 COMPLEMENT_VECTORS, COMPLEMENT_ITERS = 8, 10  # power iteration estimating the largest missed eigenvalue
 
 
+def _power_product(gram: torch.Tensor, gram_low: torch.Tensor | None, q: torch.Tensor,
+                   precision: PowerPrecision) -> torch.Tensor:
+    """G Q for one power iteration, in the requested precision, returned in G's dtype."""
+    if precision == "bfloat16" and gram_low is not None:
+        return torch.bmm(gram_low, q.to(torch.bfloat16)).to(gram.dtype)
+    with _tf32(precision == "tf32" and gram.dtype == torch.float32):
+        return torch.bmm(gram, q)
+
+
 def _randomized_top_eig(gram: torch.Tensor, rank: int, *, oversample: int, power_iters: int,
-                        generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+                        generator: torch.Generator, power_precision: PowerPrecision = "gram",
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """Top-``rank`` eigenpairs of a batch of PSD Grams G [b, d, d] by randomized subspace iteration
     (Halko-Martinsson-Tropp 2011, Alg. 4.4 on G = B B^T or B^T B, so q iterations on G are 2q on B):
     Omega [d, l] Gaussian (l = rank + oversample, from ``generator``), Y = G Omega, then ``power_iters`` times
     Q = orth(Y), Y = G Q; finally Q = orth(Y), Rayleigh-Ritz T = Q^T G Q (l x l), its top ``rank`` eigenpairs
     (theta_i, s_i) give the Ritz pairs (theta_i, v_i = Q s_i). Everything batched over b, in G's dtype;
-    orth = CholeskyQR2 (`_orth`). When l >= d the dense eigh is taken (exact).
+    orth = CholeskyQR2 (`_orth`). When l >= d the dense eigh is taken (exact). With ``power_precision``
+    "tf32" / "bfloat16" the products G Omega and G Q of the iterations run in that precision (G rounded to
+    bfloat16 once for the latter) and the intermediate bases are orthonormalised by one CholeskyQR round; the
+    last basis (CholeskyQR2), G Q, Rayleigh-Ritz and every error measure below stay in G's dtype, so the
+    measures are those of the subspace actually returned.
 
     Returns (theta [b, r] ascending, V [b, d, r], G V [b, d, r], error measures per matrix [b]):
         trace: tr G = ||B||_F^2 (used by the caller for the achieved residual),
@@ -313,10 +358,13 @@ def _randomized_top_eig(gram: torch.Tensor, rank: int, *, oversample: int, power
         return lam, v, gv, {"trace": trace, "ritz_residual": zero, "complement_max": zero,
                             "optimal_residual_rel_lower": tail}
     omega = torch.randn(b, d, l, generator=generator, device=gram.device, dtype=torch.float32).to(gram.dtype)
-    y = torch.bmm(gram, omega)
+    low = power_precision != "gram"
+    gram_low = gram.to(torch.bfloat16) if power_precision == "bfloat16" else None
+    y = _power_product(gram, gram_low, omega, power_precision)
     del omega
     for _ in range(max(0, power_iters)):
-        y = torch.bmm(gram, _orth(y))
+        y = _power_product(gram, gram_low, _orth(y, rounds=1 if low else 2), power_precision)
+    del gram_low
     q = _orth(y)
     del y
     gq = torch.bmm(gram, q)                                  # [b, d, l]
@@ -399,7 +447,8 @@ def submoe_merge(w: ExpertWeights, groups: list[list[int]], weights: list[torch.
                  rank_ratio: float = 1.0, whiten: bool = False, group_inputs: list[torch.Tensor] | None = None,
                  activation: Activation | None = None,
                  gram_dtype: torch.dtype = torch.float64, svd: SvdMode = "exact", oversample: int = 256,
-                 power_iters: int = 2, seed: int = 0) -> tuple[ExpertWeights, dict]:
+                 power_iters: int = 2, seed: int = 0,
+                 power_precision: PowerPrecision = "gram") -> tuple[ExpertWeights, dict]:
     """Sub-MoE merge of every group of a layer (see the module docstring for the math).
 
     Args:
@@ -411,10 +460,14 @@ def submoe_merge(w: ExpertWeights, groups: list[list[int]], weights: list[torch.
             [t_g, H] per group and ``activation``).
         svd, oversample, power_iters, seed: ``"exact"`` (dense eigh per Gram) or ``"randomized"`` (randomized
             subspace iteration, `_randomized_top_eig`), its oversampling p, power iterations q and seed.
+        power_precision: the randomized route's power-iteration products (`subspace_project`).
+        With ``gram_dtype=float32`` and bfloat16 experts (unwhitened), the Grams are formed with TF32 products:
+        bfloat16 entries are exact in TF32, so this is the fp32 product up to summation order.
     Returns:
         (merged experts [k, ...] float32, info {"ranks": {...}, "whiten": bool}; with truncation also "svd"
-        {"mode", ...} and "svd_error" {projection: error measures of the worst group (`_worst`); on the exact
-        route residual_rel is the optimum ||B - B_r||_F / ||B||_F itself}).
+        {"mode", ...}, "svd_error" {projection: error measures of the worst group (`_worst`); on the exact
+        route residual_rel is the optimum ||B - B_r||_F / ||B||_F itself} and "svd_residual_groups"
+        {projection: [residual_rel of each group]}).
     """
     avg = frequency_average(w, groups, weights)
     inter, hidden = w.gate.shape[1], w.gate.shape[2]
@@ -444,9 +497,13 @@ def submoe_merge(w: ExpertWeights, groups: list[list[int]], weights: list[torch.
     members = [_augment(pick(w.gate, g), pick_bias(w.gate_bias, g)) for g in groups]
     members += [_augment(pick(w.up, g), pick_bias(w.up_bias, g)) for g in groups]
     merged = torch.cat([_augment(avg.gate, avg.gate_bias), _augment(avg.up, avg.up_bias)])
+    def bf16_exact(*ts: torch.Tensor | None) -> bool:
+        return all(t is None or t.dtype == torch.bfloat16 for t in ts)
+
     errs_in: list[dict | None] = []
     proj = subspace_project(members, merged, r_in, in_moments, gram_dtype, seed=seed, errors=errs_in, svd=svd,
-                            oversample=oversample, power_iters=power_iters)
+                            oversample=oversample, power_iters=power_iters, power_precision=power_precision,
+                            exact_tf32=bf16_exact(w.gate, w.up, w.gate_bias, w.up_bias))
     gate, up = proj[:k], proj[k:]
     gate_b = up_b = None
     if has_bias:
@@ -466,11 +523,15 @@ def submoe_merge(w: ExpertWeights, groups: list[list[int]], weights: list[torch.
     errs_down: list[dict | None] = []
     down = subspace_project(members, _augment(avg.down, avg.down_bias), r_down, down_moments, gram_dtype,
                             seed=seed + 1, errors=errs_down, svd=svd, oversample=oversample,
-                            power_iters=power_iters)
-    info["svd"] = ({"mode": "randomized", "oversample": oversample, "power_iters": power_iters, "seed": seed}
-                   if svd == "randomized" else {"mode": "exact"})
+                            power_iters=power_iters, power_precision=power_precision,
+                            exact_tf32=bf16_exact(w.down, w.down_bias))
+    info["svd"] = ({"mode": "randomized", "oversample": oversample, "power_iters": power_iters, "seed": seed,
+                    "power_precision": power_precision} if svd == "randomized" else {"mode": "exact"})
     info["svd_error"] = {name: _worst(e) for name, e in
                          (("gate", errs_in[:k]), ("up", errs_in[k:]), ("down", errs_down))}
+    # per group (None: not truncated): the reached residual_rel, to compare routes group by group
+    info["svd_residual_groups"] = {name: [None if x is None else x["residual_rel"] for x in e] for name, e in
+                                   (("gate", errs_in[:k]), ("up", errs_in[k:]), ("down", errs_down))}
     down_b = None
     if w.down_bias is not None:
         down, down_b = down[..., :-1], down[..., -1]
