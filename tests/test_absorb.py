@@ -119,3 +119,32 @@ def test_bad_absorb_parameters_are_user_errors():
         get_method("absorb", blend_tokens=1)
     with pytest.raises(UserError):
         get_method("absorb", weighting="bogus")
+
+
+@pytest.mark.parametrize("param,pattern", [("select=random", "invalid parameter select"),
+                                           ("blend_tokens=1", "invalid parameter blend_tokens"),
+                                           ("weighting=bogus", "invalid parameter weighting")])
+def test_bad_absorb_parameters_are_one_line_cli_errors(monkeypatch, capsys, saved_models, tmp_path, param, pattern):
+    from clitools import assert_user_error, run_cli
+
+    code, _, err = run_cli(monkeypatch, capsys, "compress", saved_models["mixtral"], "--method", "absorb", "--experts",
+                           4, "--calib", "builtin:demo", "--param", param, "--out", tmp_path / "out")
+    assert_user_error(code, err, pattern)
+    assert not (tmp_path / "out").exists()
+
+
+def test_absorb_compress_reloads_with_the_planned_experts(monkeypatch, capsys, saved_models, text_file, tmp_path):
+    """End to end: `compress --method absorb` writes a checkpoint that transformers reloads with E' experts."""
+    import json
+
+    from clitools import run_cli
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    code, _, err = run_cli(monkeypatch, capsys, "compress", saved_models["mixtral"], "--method", "absorb",
+                           "--experts", 4, "--calib", text_file, "--out", out)
+    assert code == 0, err
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_local_experts == 4
+    layers = json.loads((out / "compression.json").read_text())["layers"]
+    assert all(len(info["blend"]) == 4 and sorted(info["kept"]) == info["kept"] for info in layers.values())
