@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 
 import torch
@@ -675,7 +676,7 @@ def table_shape(name: str, shape: dict, tok: dict, args, device: str, dtype: tor
         slow = max((k for k in rows if k in plan_calls and "exact" not in k), key=lambda k: rows[k]["seconds"])
         targets.setdefault(slow, plan_calls[slow])
         for label, fn in targets.items():
-            path = os.path.join(args.profile, f"profile-{name}-{label.replace(' ', '_').replace('/', '')}.txt")
+            path = os.path.join(args.profile, "profile-" + re.sub(r"[^A-Za-z0-9._-]", "_", f"{name}-{label}") + ".txt")
             with torch.inference_mode():
                 _profile(fn, device, path, f"{name} {label}: {rows[label]['seconds']:.3f} s unprofiled")
             out["profiles"].append(path)

@@ -17,12 +17,12 @@ train=$1 eval=$2 out=$3
 shift 3
 
 pruning="frequency,soft-count,ean,reap,naee,random"
-competitors="easy-ep,stun,mone,dern,heapr"   # issue #18 (premoe: its own per-domain table, bench/premoe.sh)
+competitors="easy-ep,stun,mone,dern,heapr,premoe,premoe[score=prob]"   # issue #18 (premoe adds :oracle and :all-domain rows)
 merging="msmoe,hcsmoe,submoe"
 # issue #19: what a merge loses to, piece by piece (docs/methods.md "Measured layer error, oracle grouping, ...")
 submoe_switches="submoe[align=true],submoe[rank_ratio=0.5],submoe[whiten=true,rank_ratio=0.5],submoe[router=lstsq],submoe[clustering=hierarchical]"
 d="distill_steps=400,distill_batch=16,distill_schedule=cosine"
-diagnosis="submoe[clustering=oracle],msmoe[weighting=measured],msmoe[router=logit_adjust],msmoe[router=lstsq],refit[merge=msmoe],refit[merge=msmoe,$d]"
+diagnosis="submoe[clustering=oracle],submoe[clustering=oracle,weighting=measured],msmoe[weighting=measured],msmoe[router=logit_adjust],msmoe[router=lstsq],refit[merge=msmoe],refit[merge=msmoe,$d]"
 ours=${OURS:-"refit,refit[select=naee],refit[select=naee,$d],refit[select=naee,refit_down=false,$d]"}
 
 ${MOE_COMPRESS:-moe-compress} bench ${MODELS:-builtin:mixtral-8e builtin:deepseek-fine} \

@@ -340,7 +340,7 @@ class Refit(Method):
 
     class Params(PruneParams):
         select: Selection = "reap"                   # how the kept set is chosen (measured best: reap)
-        merge: Literal["msmoe", "hcsmoe", "submoe"] | None = None  # merge instead of select: the re-fits
+        merge: Literal["msmoe", "hcsmoe", "submoe", "absorb"] | None = None  # merge instead of select: the re-fits
         #                                              start from that method's merged experts (its defaults)
         select_tokens: int = Field(4096, ge=1)       # naee: calibration tokens for the search
         select_balance: Literal["tokens", "domains"] = "tokens"  # naee: domains = per-domain regret (naee.py)

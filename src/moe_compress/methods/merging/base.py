@@ -110,18 +110,23 @@ class MergeMethod(Method):
 
 @torch.no_grad()
 def merge_plan(ctx: LayerContext, groups: list[list[int]], params: MergeParams, freq: torch.Tensor,
-               x: torch.Tensor | None, merge_fn: MergeFn | None = None, extra_info: dict | None = None) -> LayerPlan:
+               x: torch.Tensor | None, merge_fn: MergeFn | None = None, extra_info: dict | None = None, *,
+               weights: list[torch.Tensor] | None = None) -> LayerPlan:
     """Merge the given groups of ``ctx.layer`` into one expert each (in the given order) and adapt the router.
 
     ``merge_fn(ctx, weights, groups, merge_weights, x) -> (ExpertWeights, info)`` defaults to the
-    frequency-weighted average.
+    frequency-weighted average. ``weights`` (one float64 vector per group, summing to 1) replaces the merge
+    weights ``params.weighting`` would give (a method that measured its own: absorb).
     """
     layer = ctx.layer
     flat = sorted(e for g in groups for e in g)
     if flat != list(range(layer.n_experts)):
         raise ValueError(f"layer {layer.index}: groups {groups} are not a partition of {layer.n_experts} experts")
     blend_info = None
-    if params.weighting == "measured":
+    if weights is not None:
+        if len(weights) != len(groups) or any(len(w) != len(g) for w, g in zip(weights, groups)):
+            raise ValueError(f"layer {layer.index}: merge weights do not match the groups {groups}")
+    elif params.weighting == "measured":
         if x is None or x.shape[0] == 0:
             raise UserError("weighting=measured needs calibration inputs (--calib)")
         weights, blend_info = measured_weights(layer, groups, x, freq, router=params.router, tau=params.tau,

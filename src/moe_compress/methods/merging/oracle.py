@@ -125,33 +125,40 @@ def exhaustive_groups(layer: MoELayer, x: torch.Tensor, freq: torch.Tensor, k: i
 BLEND_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def blend(w: torch.Tensor, t: float) -> torch.Tensor:
-    """Merge weights moved from the dominant member (t = 0: its weight 1, the others 0) to ``w`` (t = 1):
-    (1 - t) e_d + t w, d = argmax w (ties: the first)."""
+def blend(w: torch.Tensor, t: float, anchor: int | None = None) -> torch.Tensor:
+    """Merge weights moved from one member (t = 0: its weight 1, the others 0) to ``w`` (t = 1):
+    (1 - t) e_d + t w; d = the position ``anchor`` in the group, else argmax w (ties: the first)."""
     out = w * t
-    out[int(torch.argmax(w))] += 1.0 - t
+    out[int(torch.argmax(w)) if anchor is None else anchor] += 1.0 - t
     return out
 
 
 @torch.no_grad()
 def measured_weights(layer: MoELayer, groups: list[list[int]], x: torch.Tensor, freq: torch.Tensor, *,
                      grid: tuple[float, ...] = BLEND_GRID, sweeps: int = 2, n_tokens: int = 2048,
-                     router: RouterRule = "freq_avg", tau: float = 1.0,
-                     ridge: float = 1e-3) -> tuple[list[torch.Tensor], dict]:
+                     router: RouterRule = "freq_avg", tau: float = 1.0, ridge: float = 1e-3,
+                     anchors: list[int] | None = None) -> tuple[list[torch.Tensor], dict]:
     """Merge weights chosen by the measured layer error: per merged group, blend(w_freq, t) with t from ``grid``
     (t = 0 keeps the dominant member unchanged, i.e. prunes the others; t = 1 is the frequency average), by
     coordinate descent over the groups (``sweeps`` passes from the better of "every t = 1" and "every t = 0"; a
     group keeps its t unless another is strictly better). So on the measuring tokens the result is never worse
-    than the frequency average nor than keeping only each group's dominant member (pruning). Returns (weights
-    per group, info: the chosen t, the errors of all-1, all-0 and the result)."""
+    than the frequency average nor than keeping only each group's dominant member (pruning). ``anchors``: the
+    expert each group keeps at t = 0 (one per group, a member of it; default its most frequent member).
+    Returns (weights per group, info: the chosen t, the errors of all-1, all-0 and the result)."""
     xs = even_subsample(x.to(layer.router_weight.device), n_tokens).float()
     y = original_output(layer, xs)
     base = group_weights(freq, groups, "frequency")
     ts = [1.0] * len(groups)
+    if anchors is not None and (len(anchors) != len(groups) or any(a not in g for a, g in zip(anchors, groups))):
+        raise ValueError(f"anchors {anchors} are not one member of each group {groups}")
+    pos = [None] * len(groups) if anchors is None else [g.index(a) for a, g in zip(anchors, groups)]
+
+    def weights_of(t_list: list[float]) -> list[torch.Tensor]:
+        return [blend(w, t, a) for w, t, a in zip(base, t_list, pos)]
 
     def error(t_list: list[float]) -> float:
         return merged_error(layer, groups, xs, y, freq, router=router, tau=tau, ridge=ridge,
-                            weights=[blend(w, t) for w, t in zip(base, t_list)])
+                            weights=weights_of(t_list))
 
     merged_all, pruned_all = error(ts), error([0.0] * len(groups))
     if pruned_all < merged_all:
@@ -172,5 +179,5 @@ def measured_weights(layer: MoELayer, groups: list[list[int]], x: torch.Tensor, 
         if not moved:
             break
     errors = {"average": round(merged_all, 6), "dominant": round(pruned_all, 6), "chosen": round(best, 6)}
-    return [blend(w, t) for w, t in zip(base, ts)], {"blend": ts, "blend_error": errors,
+    return weights_of(ts), {"blend": ts, "blend_error": errors,
                                                     "blend_tokens": int(xs.shape[0])}
