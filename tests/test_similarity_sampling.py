@@ -142,3 +142,27 @@ def test_merge_methods_pass_the_budget_only_when_set():
     assert get_method("submoe").observer_options() == {"similarity_tokens": 32768}
     assert get_method("hcsmoe", similarity_budget=0.25).observer_options() == {"similarity_tokens": 32768,
                                                                                 "similarity_budget": 0.25}
+
+
+@pytest.mark.parametrize("seed", [None, 0, 7])
+@pytest.mark.parametrize("n,total", [(5, 40), (17, 40), (40, 40), (1, 9)])
+def test_subsample_selector_is_the_literal_index_set(seed, n, total):
+    """Over batches with padding, the selector marks exactly the real tokens whose global index is in the wanted
+    set (floor(i T / n), or the seeded random n-subset), each once."""
+    from moe_compress.calibration.similarity import SubsampleSelector
+
+    sel = SubsampleSelector(n, total, seed)
+    wanted = set(range(total)) if n >= total else set(sel._wanted.tolist())
+    gen = torch.Generator().manual_seed(1)
+    seen, picked = 0, []
+    while seen < total:
+        mask = torch.rand(8, generator=gen) < 0.7
+        mask = mask & (torch.cumsum(mask.long(), 0) + seen <= total)
+        got = sel(mask)
+        idx = [seen + int(r) for r in (torch.cumsum(mask.long(), 0) - 1)[mask].tolist()]
+        expected = torch.zeros(8, dtype=torch.bool)
+        expected[mask.nonzero().flatten()] = torch.tensor([i in wanted for i in idx], dtype=torch.bool)
+        assert torch.equal(got, expected)
+        picked += [i for i in idx if i in wanted]
+        seen += int(mask.sum())
+    assert len(picked) == min(n, total) == sel.size

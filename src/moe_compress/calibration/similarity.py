@@ -150,8 +150,11 @@ class SubsampleSelector:
         self.seen += int(mask.sum())
         if self._wanted is None:
             return mask & (rank < self.n)
-        wanted = self._wanted.to(mask.device)
-        return mask & torch.isin(rank, wanted)
+        if self._wanted.device != mask.device:  # moved once, not per batch
+            self._wanted = self._wanted.to(mask.device)
+        wanted = self._wanted  # sorted: membership by binary search (no sort/unique of isin, no host sync)
+        pos = torch.searchsorted(wanted, rank).clamp(max=wanted.numel() - 1)
+        return mask & (wanted[pos] == rank)
 
 
 @register_observer
