@@ -79,3 +79,30 @@ def write_corpus(path: Path, seed: int = 0) -> None:
         code = "\n".join(f"def f{i}_{j}(x):\n    return x * {j} + {i}\n" for j in range(12))
         lines += [json.dumps({"text": prose, "domain": "prose"}), json.dumps({"text": code, "domain": "code"})]
     Path(path).write_text("\n".join(lines) + "\n")
+
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def run_gloo_ranks(body: str, recipe: dict, world: int = 2) -> None:
+    """Run ``body`` (Python source; ``recipe`` is bound to the recipe dict) in ``world`` CPU processes with
+    torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT on a free local port); every process
+    must exit 0 (its stderr is the assertion message)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    script = f"import sys\nsys.path.insert(0, {str(SRC)!r})\nimport torch\ntorch.set_num_threads(1)\n" \
+             f"recipe = {recipe!r}\n{body}"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, "WORLD_SIZE": str(world), "RANK": str(rank),
+                                              "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+                                              "MASTER_PORT": str(port)})
+             for rank in range(world)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err

@@ -10,14 +10,12 @@ bench rows) for a before/after comparison of a refactor.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from clitools import assert_user_error, run_cli
+from helpers import run_gloo_ranks
 from safetensors import safe_open
 
 from moe_compress.errors import UserError
@@ -103,24 +101,12 @@ def test_in_memory_streamed_and_resumed_write_the_same_checkpoint(method, mode, 
                                                              {"mode": "stream", "max_gpu_memory": None}]
 
 
-_RANK_SCRIPT = """
-import sys
-sys.path.insert(0, {src!r})
-import torch
-torch.set_num_threads(1)
+_RANK_BODY = """
 from moe_compress.execute import compress
 from moe_compress.recipe import build_recipe
-res = compress(build_recipe({recipe!r}))
+res = compress(build_recipe(recipe))
 assert res.streamed is not None and res.streamed.world == 2
 """
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("method,mode,experts", CASES)
@@ -128,16 +114,7 @@ def test_two_gloo_processes_write_the_same_bytes(method, mode, experts, streamed
     """torchrun's environment, 2 CPU processes (3 calibration batches: 2 on rank 0, 1 on rank 1); the recipe says
     nothing about execution: the library streams because it was launched by torchrun."""
     r = recipe(tmp_path / "two", method, mode, experts)
-    script = _RANK_SCRIPT.format(src=str(SRC), recipe=json.loads(r.model_dump_json()))
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env={**os.environ, "WORLD_SIZE": "2", "RANK": str(rank),
-                                              "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
-                                              "MASTER_PORT": str(port)})
-             for rank in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err
+    run_gloo_ranks(_RANK_BODY, json.loads(r.model_dump_json()))
     assert weight_files(tmp_path / "two") == weight_files(streamed[method])
     manifest = json.loads((tmp_path / "two" / "compression.json").read_text())
     assert manifest["streaming"]["world_size"] == 2 and manifest["recipe"]["execution"]["mode"] == "stream"

@@ -4,8 +4,6 @@ resumable after an interruption, refuses to resume a different recipe, and the s
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from clitools import run_cli
+from helpers import run_gloo_ranks
 from transformers import AutoModelForCausalLM
 
 from moe_compress.errors import UserError
@@ -214,22 +213,12 @@ def test_changed_recipe_refuses_to_resume(saved_models, text_file, tmp_path):
     assert json.loads((out / "compression.json").read_text())["experts"]["kept"] == 6
 
 
-_RANK_SCRIPT = """
-import sys
-sys.path.insert(0, {src!r})
-import torch
-torch.set_num_threads(1)
+_RANK_BODY = """
 from moe_compress.recipe import build_recipe
 from moe_compress.streaming import compress_streaming
-res = compress_streaming(build_recipe({recipe!r}))
+res = compress_streaming(build_recipe(recipe))
 assert res.world == 2
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("method,mode", [("reap", "sequential"), ("hcsmoe", "oneshot")])
@@ -240,16 +229,7 @@ def test_two_processes_equal_one(method, mode, saved_models, text_file, tmp_path
     compress_streaming(recipe(model, one, method, mode=mode, calib=text_file))
     two = tmp_path / "two"
     r = recipe(model, two, method, mode=mode, calib=text_file)
-    script = _RANK_SCRIPT.format(src=str(SRC), recipe=json.loads(r.model_dump_json()))
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env={**os.environ, "WORLD_SIZE": "2", "RANK": str(rank),
-                                              "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
-                                              "MASTER_PORT": str(port)})
-             for rank in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err
+    run_gloo_ranks(_RANK_BODY, json.loads(r.model_dump_json()))
     assert hub_keys(one) == hub_keys(two)
     a, b = (json.loads((d / "compression.json").read_text()) for d in (one, two))
     assert comparable(a)["layers"].keys() == comparable(b)["layers"].keys()
