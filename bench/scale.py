@@ -162,19 +162,27 @@ class Step:
         return False
 
 
+def layer_and_batches(shape: dict, tok: dict, seed: int, device: str, dtype: torch.dtype):
+    """The shape's MoE block (``build_block``), its `MoELayer` view, and the seeded random calibration batches
+    [batch_size, seq_len, H] (n_seqs // batch_size of them, at least one) with their token count:
+    (cfg, block, view, batches, tokens)."""
+    from moe_compress.models.registry import ARCHS, Adapter
+
+    cfg, block = build_block(shape, device, dtype, seed)
+    view = Adapter(ARCHS[shape["arch"]], cfg).layer(None, 0, block)
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    n_batches = max(1, tok["n_seqs"] // tok["batch_size"])
+    batches = [torch.randn(tok["batch_size"], tok["seq_len"], shape["hidden"], generator=gen, device=device,
+                           dtype=dtype) for _ in range(n_batches)]
+    return cfg, block, view, batches, n_batches * tok["batch_size"] * tok["seq_len"]
+
+
 def bench_shape(name: str, shape: dict, tok: dict, args, device: str, dtype: torch.dtype) -> dict:
     from moe_compress.calibration.observers import ObservedExperts, make_observers
     from moe_compress.methods.base import LayerContext, get_method
     from moe_compress.methods.merging.signals import subsample_tokens
-    from moe_compress.models.registry import ARCHS, Adapter
 
-    cfg, block = build_block(shape, device, dtype, args.seed)
-    view = Adapter(ARCHS[shape["arch"]], cfg).layer(None, 0, block)
-    gen = torch.Generator(device=device).manual_seed(args.seed + 1)
-    n_batches = max(1, tok["n_seqs"] // tok["batch_size"])
-    batches = [torch.randn(tok["batch_size"], tok["seq_len"], shape["hidden"], generator=gen, device=device,
-                           dtype=dtype) for _ in range(n_batches)]
-    tokens = n_batches * tok["batch_size"] * tok["seq_len"]
+    cfg, block, view, batches, tokens = layer_and_batches(shape, tok, args.seed, device, dtype)
     n_new = shape["experts"] // 2
     out = {"shape": name, **shape, "tokens": tokens, "dtype": str(dtype).replace("torch.", ""),
            "n_new": n_new, "steps": {}, "methods": {}}
@@ -516,15 +524,8 @@ def table_shape(name: str, shape: dict, tok: dict, args, device: str, dtype: tor
     from moe_compress.calibration.observers import ObservedExperts, make_observers
     from moe_compress.methods.base import LayerContext, get_method
     from moe_compress.methods.merging.signals import subsample_tokens
-    from moe_compress.models.registry import ARCHS, Adapter
 
-    cfg, block = build_block(shape, device, dtype, args.seed)
-    view = Adapter(ARCHS[shape["arch"]], cfg).layer(None, 0, block)
-    gen = torch.Generator(device=device).manual_seed(args.seed + 1)
-    n_batches = max(1, tok["n_seqs"] // tok["batch_size"])
-    batches = [torch.randn(tok["batch_size"], tok["seq_len"], shape["hidden"], generator=gen, device=device,
-                           dtype=dtype) for _ in range(n_batches)]
-    tokens = n_batches * tok["batch_size"] * tok["seq_len"]
+    cfg, block, view, batches, tokens = layer_and_batches(shape, tok, args.seed, device, dtype)
     n_new, layers = shape["experts"] // 2, shape["layers"]
     out = {"shape": name, **shape, "tokens": tokens, "dtype": str(dtype).replace("torch.", ""), "n_new": n_new,
            "rows": {}, "profiles": []}
