@@ -59,7 +59,7 @@ from pydantic import Field
 from moe_compress.errors import UserError
 from moe_compress.methods.base import LayerContext, LayerPlan, Method, Progress, get_method, register
 from moe_compress.methods.hybrid.distill import distill
-from moe_compress.methods.pruning.base import PruneParams, check_target, rounded
+from moe_compress.methods.pruning.base import PruneParams, check_target, rounded, selection_method
 from moe_compress.methods.reconstruction import original_output, relative_error
 from moe_compress.models.layer import ExpertSet, ExpertWeights, MoELayer, expert_forward
 from moe_compress.models.loading import CausalLM
@@ -394,10 +394,8 @@ class Refit(Method):
 
     def _selector(self):
         p = self.params
-        common = {"protect_super": p.protect_super, "super_threshold": p.super_threshold}
-        if p.select == "naee":
-            return get_method("naee", max_tokens=p.select_tokens, balance=p.select_balance, **common)
-        return get_method(p.select, **common)
+        return selection_method(p.select, select_tokens=p.select_tokens, protect_super=p.protect_super,
+                                super_threshold=p.super_threshold, balance=p.select_balance)
 
     def plan(self, ctx: LayerContext) -> LayerPlan:
         check_target(ctx)

@@ -30,10 +30,11 @@ import torch
 from pydantic import Field
 
 from moe_compress.errors import UserError
-from moe_compress.methods.base import LayerContext, LayerPlan, get_method, register
+from moe_compress.methods.base import LayerContext, LayerPlan, register
 from moe_compress.methods.merging import signals
 from moe_compress.methods.merging.base import MergeMethod, MergeParams, merge_plan
 from moe_compress.methods.merging.oracle import measured_weights
+from moe_compress.methods.pruning.base import selection_method
 from moe_compress.models.layer import MoELayer
 
 AbsorbSelect = Literal["naee", "reap", "soft-count", "frequency", "ean", "easy-ep"]
@@ -100,9 +101,8 @@ class Absorb(MergeMethod):
     def __init__(self, **params):
         super().__init__(**params)
         p = self.params
-        common = {"protect_super": p.protect_super, "super_threshold": p.super_threshold}
-        extra = {"max_tokens": p.select_tokens} if p.select == "naee" else {}
-        self.selector = get_method(p.select, **common, **extra)
+        self.selector = selection_method(p.select, select_tokens=p.select_tokens, protect_super=p.protect_super,
+                                         super_threshold=p.super_threshold)
         self.needs = frozenset(self.needs | self.selector.needs)
 
     @torch.no_grad()

@@ -25,7 +25,7 @@ from typing import Any, Iterable
 import torch
 
 from moe_compress.errors import UserError
-from moe_compress.methods.base import LayerContext, LayerPlan, Method, Params
+from moe_compress.methods.base import LayerContext, LayerPlan, Method, Params, get_method
 from moe_compress.models.surgery import keep_set
 
 
@@ -97,6 +97,16 @@ def choose_kept(scores: torch.Tensor, n_keep: int, n_group: int = 1, protected: 
         members = range(g * per_group, (g + 1) * per_group)
         kept += sorted(members, key=order_key)[:keep_per_group]
     return sorted(kept)
+
+
+def selection_method(select: str, *, select_tokens: int, protect_super: bool, super_threshold: float,
+                     balance: str = "tokens") -> Method:
+    """The pruning method that chooses a kept set for a method built on top of one (refit, absorb): ``select``
+    with the caller's super-expert protection; NAEE also gets its token count and balance."""
+    common: dict[str, Any] = {"protect_super": protect_super, "super_threshold": super_threshold}
+    if select == "naee":
+        return get_method("naee", max_tokens=select_tokens, balance=balance, **common)
+    return get_method(select, **common)
 
 
 class ScorePruning(Method):
