@@ -28,15 +28,16 @@ SHAPE = dict(e=8, inter=448, hidden=128)
 GROUPS = [[0, 1], [2, 3], [4, 5, 6], [7]]
 
 
-@pytest.mark.parametrize("precision", ["gram", "tf32", "bfloat16"])
-def test_fast_route_is_within_two_percent_of_the_exact_optimum(precision):
+@pytest.mark.parametrize("precision,ritz", [("gram", "gram"), ("tf32", "gram"), ("bfloat16", "gram"),
+                                             ("bfloat16", "tf32")])
+def test_fast_route_is_within_two_percent_of_the_exact_optimum(precision, ritz):
     w = _experts(seed=0, **SHAPE)
     weights = group_weights(torch.arange(1.0, 9.0), GROUPS)
     kw = dict(rank_ratio=0.5, gram_dtype=torch.float32, svd="randomized", oversample=8, power_iters=4,
-              power_precision=precision)
+              power_precision=precision, ritz_precision=ritz)
     fast, info = submoe_merge(w, GROUPS, weights, **kw)
     _, exact = submoe_merge(w, GROUPS, weights, rank_ratio=0.5)
-    assert info["svd"]["power_precision"] == precision
+    assert info["svd"]["power_precision"] == precision and info["svd"]["ritz_precision"] == ritz
     for name in ("gate", "up", "down"):
         r = info["ranks"][name]
         t = getattr(w, name)
@@ -103,6 +104,27 @@ def test_bf16_experts_enable_the_tf32_gram_and_it_changes_nothing_on_cpu(monkeyp
     assert not any(seen)
 
 
+@pytest.mark.parametrize("gram_dtype,expected", [(torch.float32, True), (torch.float64, False)])
+def test_ritz_precision_tf32_runs_the_final_products_under_tf32(monkeypatch, gram_dtype, expected):
+    """ritz_precision="tf32": the products after the power iterations enter the TF32 context (float32 Grams
+    only); the default never does outside the steering steps."""
+    entered = []
+    real = merge_mod._tf32
+
+    def spy(enabled=True):
+        entered.append(bool(enabled))
+        return real(enabled)
+    monkeypatch.setattr(merge_mod, "_tf32", spy)
+    w = _experts(seed=5, **SHAPE)
+    weights = group_weights(torch.ones(8), GROUPS)
+    kw = dict(rank_ratio=0.5, gram_dtype=gram_dtype, svd="randomized", oversample=8, power_iters=2)
+    submoe_merge(w, GROUPS, weights, ritz_precision="gram", **kw)
+    assert not any(entered)
+    entered.clear()
+    submoe_merge(w, GROUPS, weights, ritz_precision="tf32", **kw)
+    assert any(entered) == expected
+
+
 def test_tf32_context_restores_the_precision_on_error():
     before = torch.get_float32_matmul_precision()
     with pytest.raises(RuntimeError):
@@ -154,3 +176,13 @@ def test_scale_bench_table_runs_on_small_shapes(tmp_path, capsys):
     assert r["verdict"]["best_fast"] and r["verdict"]["best_fast_error_ratio"] <= 1.02
     assert r["profiles"] and all(pathlib.Path(p).read_text() for p in r["profiles"])
     assert "Targets:" in printed and (tmp_path / "t.json").exists()
+
+
+@pytest.mark.parametrize("tf32_rounds", [0, 1])
+def test_orth_gives_an_orthonormal_basis_of_the_same_span(tf32_rounds):
+    """CholeskyQR (triangular solve, or the triangular inverse product of the TF32 rounds): Q^T Q = I and
+    Q Q^T Y = Y, batched."""
+    y = torch.randn(3, 200, 24, generator=torch.Generator().manual_seed(6))
+    q = merge_mod._orth(y, rounds=1, tf32_rounds=tf32_rounds)
+    torch.testing.assert_close(q.transpose(1, 2) @ q, torch.eye(24).expand(3, 24, 24), rtol=0, atol=1e-5)
+    torch.testing.assert_close(q @ (q.transpose(1, 2) @ y), y, rtol=0, atol=1e-4)

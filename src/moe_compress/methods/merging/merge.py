@@ -60,6 +60,7 @@ from moe_compress.models.layer import Activation, ExpertWeights
 Weighting = Literal["frequency", "uniform", "measured"]  # measured: oracle.measured_weights (merge_plan)
 SvdMode = Literal["exact", "randomized"]
 PowerPrecision = Literal["gram", "tf32", "bfloat16"]
+RitzPrecision = Literal["gram", "tf32"]
 WHITEN_DAMP = 1e-4  # C + damp * tr(C)/d * I: keeps the second moment positive definite
 AVERAGE_CHUNK_ELEMENTS = 1 << 28  # experts' elements converted to float32 at once in `average` (1 GiB)
 
@@ -144,7 +145,7 @@ def subspace_project(members: list[torch.Tensor], merged: torch.Tensor, rank: in
                      gram_dtype: torch.dtype = torch.float64, *, svd: SvdMode = "exact",
                      oversample: int = 256, power_iters: int = 2, seed: int = 0,
                      errors: list[dict | None] | None = None, power_precision: PowerPrecision = "gram",
-                     exact_tf32: bool = False) -> torch.Tensor:
+                     exact_tf32: bool = False, ritz_precision: RitzPrecision = "gram") -> torch.Tensor:
     """P_r^(g) M_g for every group g: the projection of the merged matrix on the top-``rank`` left singular
     vectors of the group's whitened concatenation B_g = [W_1 S | ... | W_n S].
 
@@ -172,6 +173,11 @@ def subspace_project(members: list[torch.Tensor], merged: torch.Tensor, rank: in
             no whitening: the float32 Grams are formed with TF32 tensor-core products, which round nothing on
             the inputs and accumulate in fp32 (equal to the fp32 product up to summation order). Ignored for
             other ``gram_dtype``.
+        ritz_precision: the randomized route's products after the power iterations (G Q of the last basis,
+            Q^T G Q, the Ritz vectors, U = B V and the projection U (U^T M)): ``"gram"`` (in ``gram_dtype``) or
+            ``"tf32"`` (TF32 tensor cores with fp32 accumulation; float32 ``gram_dtype`` only, else ignored).
+            The last basis (CholeskyQR2) and the factorisations (Cholesky, eigh) stay in ``gram_dtype``; the
+            error measures are then computed from TF32 products (about 1e-3 relative).
     Returns:
         [k, out, in] float32.
     """
@@ -203,7 +209,7 @@ def subspace_project(members: list[torch.Tensor], merged: torch.Tensor, rank: in
             if svd == "randomized":
                 gen = torch.Generator(device=device).manual_seed(seed + 7919 * part[0])  # per batch, deterministic
                 rnd = dict(oversample=oversample, power_iters=power_iters, generator=gen,
-                           power_precision=power_precision)
+                           power_precision=power_precision, ritz_precision=ritz_precision)
             tf32_gram = exact_tf32 and not white and gram_dtype == torch.float32
             proj, err = _project_batch(w, m, rank, c, out_side, rnd, tf32_gram)
             result[part] = proj.float()
@@ -233,10 +239,11 @@ def _project_batch(w: torch.Tensor, m: torch.Tensor, rank: int, c: torch.Tensor 
                    tf32_gram: bool = False) -> tuple[torch.Tensor, dict | None]:
     """w [b, n, out, in] members, m [b, out, in] merged, c [b, in, in] damped moments or None -> (U_r U_r^T m,
     per-matrix error measures of the randomized route or None). ``rnd``: None (exact eigh) or the randomized
-    route's {oversample, power_iters, generator, power_precision}. ``tf32_gram``: form the Gram with TF32
-    products (only when the entries are exact in TF32, see `subspace_project`)."""
+    route's {oversample, power_iters, generator, power_precision, ritz_precision}. ``tf32_gram``: form the Gram
+    with TF32 products (only when the entries are exact in TF32, see `subspace_project`)."""
     b, n, out_dim, in_dim = w.shape
     err = None
+    ritz_tf32 = rnd is not None and rnd.get("ritz_precision") == "tf32" and w.dtype == torch.float32
     if out_side:
         # G = sum_i W_i C W_i^T [b, out, out]: one bmm contracting over (member, in)
         wc = w if c is None else w @ c[:, None]
@@ -273,8 +280,12 @@ def _project_batch(w: torch.Tensor, m: torch.Tensor, rank: int, c: torch.Tensor 
             del gv
         del gram
         keep = lam > lam[..., -1:].clamp(min=0) * 1e-13
-        u = (bmat @ v) / lam.clamp(min=torch.finfo(lam.dtype).tiny).sqrt()[:, None, :] * keep[:, None, :]
-    return u @ (u.transpose(1, 2) @ m), err
+        with _tf32(ritz_tf32):
+            bv = bmat @ v
+        u = bv / lam.clamp(min=torch.finfo(lam.dtype).tiny).sqrt()[:, None, :] * keep[:, None, :]
+        del bv
+    with _tf32(ritz_tf32):
+        return u @ (u.transpose(1, 2) @ m), err
 
 
 def _exact_error(gram: torch.Tensor, lam: torch.Tensor, rank: int) -> dict:
@@ -290,17 +301,32 @@ def _residual_rel(trace: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return ((trace - kept).clamp(min=0) / trace.clamp(min=torch.finfo(trace.dtype).tiny)).sqrt()
 
 
-def _orth(y: torch.Tensor, rounds: int = 2) -> torch.Tensor:
+def _orth(y: torch.Tensor, rounds: int = 2, tf32_rounds: int = 0) -> torch.Tensor:
     """Orthonormal basis of the columns of a batch y [b, d, l]: CholeskyQR2 (two rounds of Y^T Y = R^T R,
     Q = Y R^-1: matmuls and a triangular solve, much faster than Householder QR on the GPU), falling back to
     Householder QR (`torch.linalg.qr`) where a Cholesky factorisation breaks down (ill-conditioned Y).
-    ``rounds=1``: CholeskyQR (orthonormal to about cond(Y)^2 eps: enough for a basis that only steers)."""
+    ``rounds=1``: CholeskyQR (orthonormal to about cond(Y)^2 eps: enough for a basis that only steers).
+    ``tf32_rounds``: the first that many rounds run on TF32 tensor cores (float32 only): Y^T Y, and Q = Y R^-1
+    as a product with the triangular inverse (R^-1 from one small [l, l] solve) instead of a triangular solve
+    with Y; about TF32 rounding (1e-3 relative) times cond(Y) away from orthonormal: for bases that only
+    steer."""
     q = y
-    for _ in range(rounds):
-        r, info = torch.linalg.cholesky_ex(q.transpose(1, 2) @ q, upper=True)
+    for i in range(rounds):
+        low = i < tf32_rounds and q.dtype == torch.float32
+        with _tf32(low):
+            qtq = q.transpose(1, 2) @ q
+        r, info = torch.linalg.cholesky_ex(qtq, upper=True)
+        del qtq
         if bool((info != 0).any()):
             return torch.linalg.qr(y)[0]
-        q = torch.linalg.solve_triangular(r, q, upper=True, left=False)
+        if low:
+            eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device).expand_as(r)
+            r_inv = torch.linalg.solve_triangular(r, eye, upper=True)
+            with _tf32():
+                q = q @ r_inv
+            del r_inv
+        else:
+            q = torch.linalg.solve_triangular(r, q, upper=True, left=False)
     if not bool(torch.isfinite(q).all()):
         return torch.linalg.qr(y)[0]
     return q
@@ -320,6 +346,7 @@ def _power_product(gram: torch.Tensor, gram_low: torch.Tensor | None, q: torch.T
 
 def _randomized_top_eig(gram: torch.Tensor, rank: int, *, oversample: int, power_iters: int,
                         generator: torch.Generator, power_precision: PowerPrecision = "gram",
+                        ritz_precision: RitzPrecision = "gram",
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """Top-``rank`` eigenpairs of a batch of PSD Grams G [b, d, d] by randomized subspace iteration
     (Halko-Martinsson-Tropp 2011, Alg. 4.4 on G = B B^T or B^T B, so q iterations on G are 2q on B):
@@ -330,7 +357,11 @@ def _randomized_top_eig(gram: torch.Tensor, rank: int, *, oversample: int, power
     "tf32" / "bfloat16" the products G Omega and G Q of the iterations run in that precision (G rounded to
     bfloat16 once for the latter) and the intermediate bases are orthonormalised by one CholeskyQR round; the
     last basis (CholeskyQR2), G Q, Rayleigh-Ritz and every error measure below stay in G's dtype, so the
-    measures are those of the subspace actually returned.
+    measures are those of the subspace actually returned. The intermediate CholeskyQR rounds then run on TF32
+    tensor cores (`_orth`). With ``ritz_precision="tf32"`` (float32 G) G Q of the last basis, Q^T G Q and the
+    Ritz vectors V = Q S, G V use TF32 products (fp32 accumulation); the last basis (float32 CholeskyQR2),
+    Cholesky and eigh stay float32, and the measures are computed from those products (their relative accuracy
+    is then about 1e-3, not fp32 rounding).
 
     Returns (theta [b, r] ascending, V [b, d, r], G V [b, d, r], error measures per matrix [b]):
         trace: tr G = ||B||_F^2 (used by the caller for the achieved residual),
@@ -359,19 +390,22 @@ def _randomized_top_eig(gram: torch.Tensor, rank: int, *, oversample: int, power
                             "optimal_residual_rel_lower": tail}
     omega = torch.randn(b, d, l, generator=generator, device=gram.device, dtype=torch.float32).to(gram.dtype)
     low = power_precision != "gram"
+    fast = ritz_precision == "tf32" and gram.dtype == torch.float32
     gram_low = gram.to(torch.bfloat16) if power_precision == "bfloat16" else None
     y = _power_product(gram, gram_low, omega, power_precision)
     del omega
     for _ in range(max(0, power_iters)):
-        y = _power_product(gram, gram_low, _orth(y, rounds=1 if low else 2), power_precision)
+        y = _power_product(gram, gram_low, _orth(y, rounds=1 if low else 2, tf32_rounds=int(low)), power_precision)
     del gram_low
     q = _orth(y)
     del y
-    gq = torch.bmm(gram, q)                                  # [b, d, l]
-    t = q.transpose(1, 2) @ gq
+    with _tf32(fast):
+        gq = torch.bmm(gram, q)                              # [b, d, l]
+        t = q.transpose(1, 2) @ gq
     theta, s = torch.linalg.eigh((t + t.transpose(1, 2)) / 2)
     theta, s = theta[..., -rank:], s[..., -rank:]
-    v, gv = q @ s, gq @ s
+    with _tf32(fast):
+        v, gv = q @ s, gq @ s
     del q, gq, t, s
     rho = (gv - v * theta[:, None, :]).norm(dim=-2)           # [b, r] Ritz residual norms
     # largest eigenvalue of G on the complement of span(V): block power iteration on P G P, P = I - V V^T
@@ -448,7 +482,8 @@ def submoe_merge(w: ExpertWeights, groups: list[list[int]], weights: list[torch.
                  activation: Activation | None = None,
                  gram_dtype: torch.dtype = torch.float64, svd: SvdMode = "exact", oversample: int = 256,
                  power_iters: int = 2, seed: int = 0,
-                 power_precision: PowerPrecision = "gram") -> tuple[ExpertWeights, dict]:
+                 power_precision: PowerPrecision = "gram",
+                 ritz_precision: RitzPrecision = "gram") -> tuple[ExpertWeights, dict]:
     """Sub-MoE merge of every group of a layer (see the module docstring for the math).
 
     Args:
@@ -460,7 +495,7 @@ def submoe_merge(w: ExpertWeights, groups: list[list[int]], weights: list[torch.
             [t_g, H] per group and ``activation``).
         svd, oversample, power_iters, seed: ``"exact"`` (dense eigh per Gram) or ``"randomized"`` (randomized
             subspace iteration, `_randomized_top_eig`), its oversampling p, power iterations q and seed.
-        power_precision: the randomized route's power-iteration products (`subspace_project`).
+        power_precision, ritz_precision: the randomized route's precisions (`subspace_project`).
         With ``gram_dtype=float32`` and bfloat16 experts (unwhitened), the Grams are formed with TF32 products:
         bfloat16 entries are exact in TF32, so this is the fp32 product up to summation order.
     Returns:
@@ -487,7 +522,9 @@ def submoe_merge(w: ExpertWeights, groups: list[list[int]], weights: list[torch.
         xs = [x.to(device) for x in group_inputs]
 
     def pick(t: torch.Tensor, g: list[int]) -> torch.Tensor:
-        return t.detach()[g].to(gram_dtype)
+        # in the experts' own dtype: `subspace_project` casts one batch of groups at a time to gram_dtype (all of
+        # a DeepSeek-V3 layer's experts in float64 at once would be 90 GB)
+        return t.detach()[g]
 
     def pick_bias(b: torch.Tensor | None, g: list[int]) -> torch.Tensor | None:
         return None if b is None else pick(b, g)
@@ -503,7 +540,8 @@ def submoe_merge(w: ExpertWeights, groups: list[list[int]], weights: list[torch.
     errs_in: list[dict | None] = []
     proj = subspace_project(members, merged, r_in, in_moments, gram_dtype, seed=seed, errors=errs_in, svd=svd,
                             oversample=oversample, power_iters=power_iters, power_precision=power_precision,
-                            exact_tf32=bf16_exact(w.gate, w.up, w.gate_bias, w.up_bias))
+                            exact_tf32=bf16_exact(w.gate, w.up, w.gate_bias, w.up_bias),
+                            ritz_precision=ritz_precision)
     gate, up = proj[:k], proj[k:]
     gate_b = up_b = None
     if has_bias:
@@ -524,9 +562,10 @@ def submoe_merge(w: ExpertWeights, groups: list[list[int]], weights: list[torch.
     down = subspace_project(members, _augment(avg.down, avg.down_bias), r_down, down_moments, gram_dtype,
                             seed=seed + 1, errors=errs_down, svd=svd, oversample=oversample,
                             power_iters=power_iters, power_precision=power_precision,
-                            exact_tf32=bf16_exact(w.down, w.down_bias))
+                            exact_tf32=bf16_exact(w.down, w.down_bias), ritz_precision=ritz_precision)
     info["svd"] = ({"mode": "randomized", "oversample": oversample, "power_iters": power_iters, "seed": seed,
-                    "power_precision": power_precision} if svd == "randomized" else {"mode": "exact"})
+                    "power_precision": power_precision, "ritz_precision": ritz_precision}
+                   if svd == "randomized" else {"mode": "exact"})
     info["svd_error"] = {name: _worst(e) for name, e in
                          (("gate", errs_in[:k]), ("up", errs_in[k:]), ("down", errs_down))}
     # per group (None: not truncated): the reached residual_rel, to compare routes group by group

@@ -7,9 +7,8 @@ frequencies: W_g = U_r Sigma_r (sum_i f_i V_i)_r^T = P_r sum_i f_i W_i (see `mer
 ``similarity`` (output | router | weight | output_mean), ``clustering`` (kmeans | hierarchical | dominant |
 oracle: the partition chosen by the measured merged-layer error, `oracle.py`; a diagnosis tool),
 ``rank_ratio`` (< 1 truncates), ``svd`` (exact | randomized: randomized subspace iteration for the truncated
-subspace, with ``oversample``, ``power_iters``, ``svd_seed``, ``power_precision``; its error measures go into
-the plan info),
-``whiten`` (Sub-MoE-dagger: SVD-LLM whitening by the group's calibration
+subspace, with ``oversample``, ``power_iters``, ``svd_seed``, ``power_precision``, ``ritz_precision``; its error
+measures go into the plan info), ``whiten`` (Sub-MoE-dagger: SVD-LLM whitening by the group's calibration
 second moments; only matters with truncation), ``align``, ``router``, ``weighting``.
 """
 
@@ -60,6 +59,7 @@ class SubMoE(MergeMethod):
         power_iters: int = Field(2, ge=0)                # randomized: q subspace iterations on the Gram
         svd_seed: int = 0                                # randomized: seed of the Gaussian test matrix
         power_precision: Literal["gram", "tf32", "bfloat16"] = "gram"  # randomized: precision of the G Q steps
+        ritz_precision: Literal["gram", "tf32"] = "gram"  # randomized: products after the iterations (float32)
 
     params: Params
 
@@ -92,6 +92,6 @@ class SubMoE(MergeMethod):
                                     group_inputs=inputs, activation=ctx.layer.activation,
                                     gram_dtype=getattr(torch, p.gram_dtype), svd=p.svd,
                                     oversample=p.oversample, power_iters=p.power_iters, seed=p.svd_seed,
-                                    power_precision=p.power_precision)
+                                    power_precision=p.power_precision, ritz_precision=p.ritz_precision)
         info["rank_ratio"] = p.rank_ratio
         return merged, info
