@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 import time
 
 import torch
@@ -477,15 +478,32 @@ SMALL = {  # CPU check of --table: large enough that the randomized route is not
 TOKENS["small"] = dict(n_seqs=8, seq_len=128, batch_size=4)
 # fast truncated Sub-MoE variants of --table: label -> (power_iters q, oversample p as a fraction of r, precision)
 FAST = {
-    "q=4 p=r/8 tf32": (4, 1 / 8, "tf32"),
-    "q=4 p=r/8 bf16": (4, 1 / 8, "bfloat16"),
-    "q=3 p=r/16 bf16": (3, 1 / 16, "bfloat16"),
-    "q=6 p=r/32 bf16": (6, 1 / 32, "bfloat16"),
+    "q=4 p=r/8 bf16": (4, 1 / 8, "bfloat16", "gram"),
+    "q=4 p=r/8 bf16 ritz tf32": (4, 1 / 8, "bfloat16", "tf32"),
+    "q=3 p=r/8 bf16 ritz tf32": (3, 1 / 8, "bfloat16", "tf32"),
+    "q=3 p=r/16 bf16 ritz tf32": (3, 1 / 16, "bfloat16", "tf32"),
 }
+
+
+def fast_variants(args) -> dict:
+    """The fast rank-0.5 variants of the table: `FAST`, or those of ``--fast-variants``
+    ("q:p_fraction:power_precision[:ritz_precision]" items, comma-separated, e.g. "3:0.125:bfloat16:tf32")."""
+    spec = getattr(args, "fast_variants", "") or ""
+    if not spec:
+        return FAST
+    out = {}
+    for item in spec.split(","):
+        q, frac, prec, *rest = item.split(":")
+        ritz = rest[0] if rest else "gram"
+        label = f"q={int(q)} p={float(frac):g}r {prec}" + (f" ritz {ritz}" if ritz != "gram" else "")
+        out[label] = (int(q), float(frac), prec, ritz)
+    return out
+
+
 TARGETS = {"merge_ratio": 1.3, "fast_s": 1.0, "fast_error_ratio": 1.02, "full_rank_s": 0.3}
 
 
-def _profile(fn, device: str, path: str, title: str, rows: int = 30) -> None:
+def _profile(fn, device: str, path: str, title: str, rows: int = 40) -> None:
     """One call of fn under torch.profiler; the key_averages table (by device time, else CPU time) -> path."""
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
@@ -562,9 +580,11 @@ def table_shape(name: str, shape: dict, tok: dict, args, device: str, dtype: tor
     budget_opts = dict(similarity_tokens=args.similarity_tokens, similarity_budget=args.similarity_budget)
     rows = out["rows"]
     with torch.inference_mode():
+        # warm-up of every timed pass (kernel loading, cuBLAS heuristics), so that a single repeat is warm too
         for b in PLAIN_BACKENDS:
-            run_pass(backend=b)  # warm-up
+            run_pass(backend=b)
         run_pass(ObservedExperts(view))
+        run_pass(merge_obs(**budget_opts))
         fwd = {b: timed(lambda b=b: run_pass(backend=b), args.repeats)[0] for b in PLAIN_BACKENDS}
         fast_b = min(fwd, key=lambda b: fwd[b].seconds)
         cfg._experts_implementation = fast_b
@@ -596,6 +616,8 @@ def table_shape(name: str, shape: dict, tok: dict, args, device: str, dtype: tor
             out["similarity_error"] = err
             del ref, obs_ref
         del obs
+    print(json.dumps({"shape": name, "statistics": {k: round(v["seconds"], 4) for k, v in rows.items()}}),
+          file=sys.stderr, flush=True)
     fwd_s = rows["plain forward"]["seconds"]
     merge_over = rows["merge statistics"]["seconds"] - fwd_s
 
@@ -607,12 +629,18 @@ def table_shape(name: str, shape: dict, tok: dict, args, device: str, dtype: tor
 
     r = math.ceil(0.5 * min(shape["hidden"], shape["inter"]))
     plans = {"submoe full rank": {}, "submoe r=0.5 exact": {"rank_ratio": 0.5}}
-    for label, (q, frac, prec) in FAST.items():
+    twins = {}  # a ritz-tf32 variant -> the same variant with float32 Rayleigh-Ritz, when both run
+    for label, (q, frac, prec, ritz) in fast_variants(args).items():
         plans[f"submoe r=0.5 fast {label}"] = {"rank_ratio": 0.5, "svd": "randomized", "gram_dtype": "float32",
                                                "power_iters": q, "oversample": max(1, math.ceil(frac * r)),
-                                               "power_precision": prec}
+                                               "power_precision": prec, "ritz_precision": ritz}
+        if ritz != "gram":
+            twins[f"submoe r=0.5 fast {label}"] = (q, frac, prec, "gram")
+    keys = {f"submoe r=0.5 fast {lab}": v for lab, v in fast_variants(args).items()}
+    kept_weights = {}  # merged experts of the float32-Ritz twins, to compare the TF32 ones with
     exact_info = None
     plan_calls = {}
+    plans_info = {}
     for label, params in plans.items():
         method = get_method("submoe", **params)
         repeats = args.plan_repeats if not (label.endswith("exact") and shape["experts"] > 64) else 1
@@ -622,6 +650,8 @@ def table_shape(name: str, shape: dict, tok: dict, args, device: str, dtype: tor
             with torch.no_grad():
                 return method.plan(ctx)
         plan_calls[label] = call
+        if not label.endswith("exact"):
+            call()  # warm-up (the exact route is the slow reference: its min over repeats suffices)
         s, plan = timed(call, repeats)
         info = plan.info
         rec = {"seconds": s.seconds, "peak_gb": s.peak_gb, "groups": [len(g) for g in info.get("groups", [])]}
@@ -645,7 +675,25 @@ def table_shape(name: str, shape: dict, tok: dict, args, device: str, dtype: tor
             else:
                 rec["error_ratio_vs_exact"] = None
                 rec["note"] = "groups differ from the exact run's: no per-group comparison"
+        if label in keys and keys[label] in twins.values():
+            kept_weights[keys[label]] = plan.expert_set.experts
+        twin = twins.get(label)
+        if twin in kept_weights:
+            a, b = plan.expert_set.experts, kept_weights[twin]
+            rec["vs_float32_ritz"] = {
+                "merged_rel_diff": max(float((getattr(a, p) - getattr(b, p)).norm() / getattr(b, p).norm())
+                                       for p in ("gate", "up", "down")),
+                "bf16_rounding_rel": max(float((getattr(b, p) - getattr(b, p).bfloat16().float()).norm()
+                                               / getattr(b, p).norm()) for p in ("gate", "up", "down")),
+                "residual_max_abs_diff": max(abs(x - y) for p in ("gate", "up", "down")
+                                             for x, y in zip(plan.info["svd_residual_groups"][p],
+                                                             plans_info[twin]["svd_residual_groups"][p])
+                                             if x is not None and y is not None)}
+        if label in keys:
+            plans_info[keys[label]] = plan.info
         rows[label] = rec
+        print(json.dumps({"shape": name, "row": label, "seconds": round(s.seconds, 4),
+                          "error_ratio_vs_exact": rec.get("error_ratio_vs_exact")}), file=sys.stderr, flush=True)
         del plan
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -708,8 +756,15 @@ def table_markdown(results: list[dict]) -> str:
                 ex = [e["excess_ratio"] for e in v["svd_error"].values() if isinstance(e, dict)]
                 if ex:
                     note.append(f"a-posteriori bound <= {max(ex):.3f}")
-            if v.get("groups"):
+            if v.get("vs_float32_ritz"):
+                t = v["vs_float32_ritz"]
+                note.append(f"vs the same route with float32 Rayleigh-Ritz: merged weights differ by "
+                            f"{t['merged_rel_diff']:.1e} (bf16 rounding of the output {t['bf16_rounding_rel']:.1e}), "
+                            f"residual_rel by {t['residual_max_abs_diff']:.1e}")
+            if v.get("groups") and len(v["groups"]) <= 16:
                 note.append(f"groups {v['groups']}")
+            elif v.get("groups"):
+                note.append(f"{len(v['groups'])} groups of sizes {min(v['groups'])}-{max(v['groups'])}")
             ratio = f"{v['seconds'] / fwd:.2f}x" if "statistics" in label or label == "plain forward" else ""
             peak = "-" if v.get("peak_gb") is None else f"{v['peak_gb']:.1f}"
             lines.append(f"| {label} | {v['seconds']:.3f} | {ratio} | {v['model_min']:.2f} | {peak} | "
@@ -756,6 +811,8 @@ def main(argv=None) -> list[dict]:
                     help="issue 22: only the statistics / Sub-MoE table per shape (fast variants, targets, errors)")
     ap.add_argument("--similarity-budget", type=float, default=None,
                     help="cap the similarity subsample at budget x T x k / E tokens (ExpertOutputs option)")
+    ap.add_argument("--fast-variants", default="",
+                    help="--table: fast rank-0.5 variants as q:p_fraction:precision items (default: FAST)")
     ap.add_argument("--profile", default=None, help="--table: write profiler summaries of the slowest steps here")
     args = ap.parse_args(argv)
 
